@@ -1,0 +1,127 @@
+"""The utterance manifest: one JSONL row per utterance, the corpus' single source of truth.
+
+Row fields (JSON types):
+    id (str, unique), path (str: absolute, or relative to the manifest's directory),
+    duration (float, seconds), language (str, espeak-ng / ISO code, e.g. "de"),
+    voice (str), text (str), text_en (str | null: English reference for parallel sentences),
+    phonemes (str | null: IPA phonemes from espeak-ng, space-separated),
+    split (str: "train", "dev", "probe-train", "probe-dev", "probe-test"),
+    sentence_id (str | null: the same id across languages for a parallel sentence).
+Readers for foreign layouts (TSV, lhotse, HF datasets) live in ``colld.data.readers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+_REQUIRED = {"id": str, "path": str, "duration": (int, float)}
+_OPTIONAL_STR = ("language", "voice", "text", "text_en", "phonemes", "split", "sentence_id")
+
+
+@dataclass
+class Utterance:
+    id: str
+    path: str
+    duration: float
+    language: str | None = None
+    voice: str | None = None
+    text: str | None = None
+    text_en: str | None = None
+    phonemes: str | None = None
+    split: str | None = None
+    sentence_id: str | None = None
+
+    def resolved_path(self, root: Path) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() else root / path
+
+
+class ManifestError(ValueError):
+    """A manifest row that cannot be used; the message names file, line and field."""
+
+
+def row_to_utterance(row: object, where: str) -> Utterance:
+    """Validate one decoded JSON row. ``where`` names the file and line for messages."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, found {type(row).__name__}")
+    for key, types in _REQUIRED.items():
+        if key not in row:
+            raise ManifestError(f"{where}: missing required field '{key}'")
+        if not isinstance(row[key], types) or isinstance(row[key], bool):
+            raise ManifestError(
+                f"{where}: field '{key}' should be {_type_name(types)}, "
+                f"found {type(row[key]).__name__} {row[key]!r}"
+            )
+    for key in _OPTIONAL_STR:
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ManifestError(
+                f"{where}: field '{key}' should be a string or null, found {type(value).__name__}"
+            )
+    known = {f.name for f in fields(Utterance)}
+    return Utterance(**{k: v for k, v in row.items() if k in known})
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    if isinstance(types, tuple):
+        return "a number"
+    return "a string" if types is str else types.__name__
+
+
+def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
+    """Read a JSONL manifest. Returns (utterances, problems).
+
+    Rows that cannot be used (bad JSON, missing or wrong-typed fields, duplicate ids) are
+    skipped and described in ``problems`` (one line each) so the caller can warn and count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    utterances: list[Utterance] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                utt = row_to_utterance(json.loads(line), where)
+            except json.JSONDecodeError as err:
+                problems.append(f"{where}: not valid JSON ({err.msg})")
+                continue
+            except ManifestError as err:
+                problems.append(str(err))
+                continue
+            if utt.id in seen:
+                problems.append(f"{where}: duplicate id '{utt.id}' (first row kept)")
+                continue
+            seen.add(utt.id)
+            utterances.append(utt)
+    return utterances, problems
+
+
+def iter_rows(utterances: Iterable[Utterance]) -> Iterator[str]:
+    for utt in utterances:
+        yield json.dumps(asdict(utt), ensure_ascii=False)
+
+
+def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:
+    """Write a JSONL manifest atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in iter_rows(utterances):
+                f.write(row + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,442 @@
+"""Students: the teacher's own family and HF class with a smaller config.
+
+A student is built from a copy of the teacher's Hugging Face config with new sizes (per family
+the field names differ, see ``_SIZE_FIELDS``), so the exported student loads with transformers
+alone. Everything else stays the teacher's: the conv front end of waveform families (its size
+does not depend on the transformer width, it feeds the width through the feature projection,
+and keeping it lets ``init="teacher"`` copy it, as DistilHuBERT and FitHuBERT do), the
+positional convolution's kernel and groups, w2v-BERT's Conformer kernel and fbank input,
+Whisper's mel bins and position table length.
+
+Sizes (``StudentSpec``):
+    "deep-narrow" (default): the teacher's layer count; the width is chosen so that the student
+        has about ``teacher_params / compression`` parameters. Widths are multiples of
+        ``8 x num_heads``, with ``num_heads = round(width / teacher_head_dim)`` (the teacher's
+        head size is kept approximately and every head size is a multiple of 8); the FFN keeps
+        the teacher's FFN/width ratio. Whisper base (6 x 512, 19.8M counted) -> 6 x 288 with 4
+        heads of 72 and FFN 1152.
+    "shallow-wide": the teacher's width and heads, 2 layers, the FFN narrowed so the parameter
+        count matches the deep-narrow student of the same ``compression`` (within 10%). Where
+        two layers with the teacher's FFN stay below that budget (a heavy conv front end, e.g.
+        HuBERT base at 3.3x) the fewest layers that reach it are used instead.
+    Explicit fields (``num_layers``, ``hidden_dim``, ``num_heads``, ``ffn_dim``) override the
+    preset; the preset solves only for the fields left unset.
+
+Parameter counting (``count_encoder_parameters``): the parameters that produce hidden states
+0..L. Not counted: Whisper's sinusoidal position table (fixed, never trained; 768k of Whisper
+base's 20.6M), the mask embedding (training-time only, and a teacher may lack it), and
+anything HF runs after the encoder (w2v-BERT's ``adapter`` / ``intermediate_ffn``).
+
+Initialisation (one policy for every shape, so comparing shapes does not compare inits):
+    "random" (default): HF's own ``_init_weights`` for that class, under
+        ``torch.manual_seed(seed)`` (the global RNG is left as it was).
+    "teacher": the random init, then where widths match (width, heads and FFN) the front end
+        (convs, feature projection, positional conv / table, mask embedding), the final layer
+        norm and teacher layer m(i) = ceil(i * L_T / L_S) for student layer i (every k-th layer
+        for k = L_T / L_S) are copied. Mismatched widths raise an error.
+
+LayerDrop is set to 0 (layer-to-layer distillation needs every layer), HF's own random
+SpecAugment is disabled (``mask_feature_prob = 0``, ``mask_time_prob > 0`` only so that
+``masked_spec_embed`` exists; colld passes the mask itself, see ``colld.encoders.hf``). The
+teacher's SpecAugment values are kept in ``config.colld_export_overrides`` and restored by
+``colld.students.export``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from colld.encoders import wrap_encoder
+from colld.encoders.base import SpeechEncoder
+from colld.objectives.layer_map import uniform_layer_map
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("deep-narrow", "shallow-wide")
+INITS = ("random", "teacher")
+SHALLOW_WIDE_LAYERS = 2
+# Every head size is a multiple of this (fast attention kernels want it).
+HEAD_DIM_MULTIPLE = 8
+FFN_MULTIPLE = 8
+# HF's default, used only when the teacher's config has mask_time_prob == 0: any value > 0
+# makes HF create masked_spec_embed; colld always passes the mask itself.
+STUDENT_MASK_TIME_PROB = 0.05
+# Config attribute holding the teacher's values that export restores.
+EXPORT_OVERRIDES_ATTR = "colld_export_overrides"
+
+
+@dataclass(frozen=True)
+class _SizeFields:
+    """Names of the size fields in a family's HF config."""
+
+    num_layers: str
+    hidden_dim: str
+    num_heads: str
+    ffn_dim: str
+    layerdrop: str
+    layer_prefix: str  # state-dict prefix of the transformer layers
+
+
+_WHISPER_FIELDS = _SizeFields(
+    "encoder_layers", "d_model", "encoder_attention_heads", "encoder_ffn_dim",
+    "encoder_layerdrop", "layers.",
+)  # fmt: skip
+_HF_FIELDS = _SizeFields(
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+    "layerdrop", "encoder.layers.",
+)  # fmt: skip
+# Parameters not counted by count_encoder_parameters (see the module docstring).
+_UNCOUNTED_PREFIXES = {
+    "whisper": ("embed_positions.",),
+    "hf": ("masked_spec_embed", "adapter.", "intermediate_ffn."),
+}
+
+
+def _fields(config: Any) -> _SizeFields:
+    return _WHISPER_FIELDS if config.model_type == "whisper" else _HF_FIELDS
+
+
+@dataclass(kw_only=True)
+class StudentSpec:
+    """How to size and initialise a student.
+
+    preset: "deep-narrow" (teacher's depth, narrower) or "shallow-wide" (teacher's width,
+        2 layers, narrower FFN) at the same parameter count.
+    num_layers, hidden_dim, num_heads, ffn_dim: explicit sizes; override the preset.
+    init: "random" (HF init under the seed) or "teacher" (copy front end and every k-th layer;
+        widths must match).
+    compression: teacher parameters / student parameters the presets aim at.
+    """
+
+    preset: str = "deep-narrow"
+    num_layers: int | None = None
+    hidden_dim: int | None = None
+    num_heads: int | None = None
+    ffn_dim: int | None = None
+    init: str = "random"
+    compression: float = 3.3
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"StudentSpec.preset={self.preset!r}; expected one of {PRESETS}")
+        if self.init not in INITS:
+            raise ValueError(f"StudentSpec.init={self.init!r}; expected one of {INITS}")
+        if not self.compression >= 1.0:
+            raise ValueError(
+                f"StudentSpec.compression={self.compression}; expected >= 1 (teacher "
+                "parameters / student parameters)"
+            )
+        for name in ("num_layers", "hidden_dim", "num_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"StudentSpec.{name}={value!r}; expected a positive integer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentSizes:
+    """Resolved student sizes."""
+
+    num_layers: int
+    hidden_dim: int
+    num_heads: int
+    ffn_dim: int
+
+
+def count_encoder_parameters(encoder: SpeechEncoder) -> int:
+    """Parameters that produce the hidden states (see the module docstring for what is left
+    out: Whisper's fixed position table, the mask embedding, post-encoder adapters)."""
+    return _count_module(encoder.model)
+
+
+def teacher_sizes(teacher: SpeechEncoder) -> StudentSizes:
+    """The teacher's own sizes, read off its HF config."""
+    config = teacher.model.config
+    fields = _fields(config)
+    return StudentSizes(
+        num_layers=int(getattr(config, fields.num_layers)),
+        hidden_dim=int(getattr(config, fields.hidden_dim)),
+        num_heads=int(getattr(config, fields.num_heads)),
+        ffn_dim=int(getattr(config, fields.ffn_dim)),
+    )
+
+
+def resolve_student_sizes(teacher: SpeechEncoder, spec: StudentSpec) -> StudentSizes:
+    """Apply the preset and the explicit fields of ``spec``; validates the result."""
+    config = teacher.model.config
+    cls = type(teacher.model)
+    full = teacher_sizes(teacher)
+    _check_not_larger(full, spec.num_layers, spec.hidden_dim)  # before any counting
+    budget = _count_module(teacher.model) / spec.compression
+
+    @functools.cache
+    def count(sizes: StudentSizes) -> int:
+        # Layers are identical in size (WavLM's shared position bias sits in layer 1, counted
+        # by the one-layer build), so 1- and 2-layer builds give every depth exactly.
+        one, two = (
+            _count_module(_build_on_meta(cls, student_config(config, replace(sizes, num_layers=n))))
+            for n in (1, 2)
+        )
+        return one + (sizes.num_layers - 1) * (two - one)
+
+    deep_narrow = _solve_deep_narrow(
+        full, spec if spec.preset == "deep-narrow" else StudentSpec(), config, budget, count
+    )
+    if spec.preset == "deep-narrow":
+        sizes = deep_narrow
+    else:
+        sizes = _solve_shallow_wide(full, spec, count(deep_narrow), count)
+    _validate(full, sizes, config)
+    return sizes
+
+
+def build_student(teacher: SpeechEncoder, spec: StudentSpec, *, seed: int) -> SpeechEncoder:
+    """A student of the teacher's family and HF class, sized and initialised per ``spec``.
+
+    Returned in train mode, wrapped like the teacher (``colld.encoders.wrap_encoder``).
+    """
+    sizes = resolve_student_sizes(teacher, spec)
+    config = student_config(teacher.model.config, sizes)
+    cls = type(teacher.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = wrap_encoder(cls(config))
+    if spec.init == "teacher":
+        copy_teacher_weights(teacher, student)
+    student.train()
+    student.requires_grad_(True)
+    if cls.__name__ == "WhisperEncoder":
+        student.model.embed_positions.requires_grad_(False)  # the fixed sinusoid
+    student_count, teacher_count = (
+        count_encoder_parameters(student),
+        count_encoder_parameters(teacher),
+    )
+    logger.info(
+        "student %s: %d layers x %d (heads %d, FFN %d), %d parameters (teacher %d, %.2fx)",
+        cls.__name__, sizes.num_layers, sizes.hidden_dim, sizes.num_heads, sizes.ffn_dim,
+        student_count, teacher_count, teacher_count / student_count,
+    )  # fmt: skip
+    return student
+
+
+def student_config(teacher_config: Any, sizes: StudentSizes) -> Any:
+    """A copy of the teacher's HF config with the student's sizes and training settings."""
+    config = copy.deepcopy(teacher_config)
+    fields = _fields(config)
+    setattr(config, fields.num_layers, sizes.num_layers)
+    setattr(config, fields.hidden_dim, sizes.hidden_dim)
+    setattr(config, fields.num_heads, sizes.num_heads)
+    setattr(config, fields.ffn_dim, sizes.ffn_dim)
+    setattr(config, fields.layerdrop, 0.0)
+    if config.model_type == "whisper":
+        config.architectures = ["WhisperEncoder"]
+        return config
+    overrides = getattr(teacher_config, EXPORT_OVERRIDES_ATTR, None) or {
+        "mask_time_prob": float(teacher_config.mask_time_prob),
+        "mask_feature_prob": float(teacher_config.mask_feature_prob),
+    }
+    setattr(config, EXPORT_OVERRIDES_ATTR, dict(overrides))
+    if not config.mask_time_prob > 0:
+        config.mask_time_prob = STUDENT_MASK_TIME_PROB
+    config.mask_feature_prob = 0.0
+    config.apply_spec_augment = True
+    # Adapters shorten the output and are not part of the encoder contract.
+    config.add_adapter = False
+    if hasattr(config, "use_intermediate_ffn_before_adapter"):
+        config.use_intermediate_ffn_before_adapter = False
+    if hasattr(config, "adapter_attn_dim"):  # MMS per-language attention adapters
+        config.adapter_attn_dim = None
+    if hasattr(config, "output_hidden_size"):
+        config.output_hidden_size = sizes.hidden_dim
+    return config
+
+
+def copy_teacher_weights(teacher: SpeechEncoder, student: SpeechEncoder) -> None:
+    """Copy the front end, final norm and teacher layer m(i) into student layer i.
+
+    Raises ValueError when widths (width, heads, FFN) differ.
+    """
+    t_sizes, s_sizes = teacher_sizes(teacher), teacher_sizes(student)
+    mismatched = [
+        f"{name} {getattr(s_sizes, name)} (teacher {getattr(t_sizes, name)})"
+        for name in ("hidden_dim", "num_heads", "ffn_dim")
+        if getattr(s_sizes, name) != getattr(t_sizes, name)
+    ]
+    if mismatched:
+        raise ValueError(
+            "init='teacher' copies teacher layers and needs the teacher's widths; the student "
+            f"has {', '.join(mismatched)}. Use init='random' or the teacher's widths"
+        )
+    prefix = _fields(teacher.model.config).layer_prefix
+    layer_map = uniform_layer_map(s_sizes.num_layers, t_sizes.num_layers)
+    teacher_state = teacher.model.state_dict()
+    student_state = student.model.state_dict()
+    copied: dict[str, torch.Tensor] = {}
+    for name, tensor in student_state.items():
+        source = name
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            source = f"{prefix}{layer_map[int(index)] - 1}.{rest}"
+        if source not in teacher_state and name in teacher_state:
+            # A parameter only some layers have (WavLM's relative position bias lives in
+            # layer 1 alone and is shared by all): take the teacher's at the same position.
+            source = name
+        if source not in teacher_state:
+            logger.info("init='teacher': %s has no teacher counterpart; kept random", name)
+            continue
+        if teacher_state[source].shape != tensor.shape:
+            raise ValueError(
+                f"init='teacher': student {name} {tuple(tensor.shape)} != teacher {source} "
+                f"{tuple(teacher_state[source].shape)}"
+            )
+        copied[name] = teacher_state[source].to(tensor.dtype)
+    student.model.load_state_dict(copied, strict=False)
+    logger.info("init='teacher': copied teacher layers %s", layer_map)
+
+
+# --- sizing helpers --------------------------------------------------------------------------
+def _count_module(module: nn.Module) -> int:
+    key = "whisper" if module.config.model_type == "whisper" else "hf"
+    skip = _UNCOUNTED_PREFIXES[key]
+    return sum(p.numel() for n, p in module.named_parameters() if not n.startswith(skip))
+
+
+def _build_on_meta(cls: type[nn.Module], config: Any) -> nn.Module:
+    """The model without memory or init cost, for counting parameters."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return cls(config)
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def _default_heads(width: int, teacher: StudentSizes) -> int:
+    """Heads keeping about the teacher's head size."""
+    if width == teacher.hidden_dim:
+        return teacher.num_heads
+    return max(1, round(width * teacher.num_heads / teacher.hidden_dim))
+
+
+def _default_ffn(width: int, teacher: StudentSizes) -> int:
+    return _round_to(width * teacher.ffn_dim / teacher.hidden_dim, FFN_MULTIPLE)
+
+
+def _width_candidates(teacher: StudentSizes, num_heads: int | None, config: Any) -> list[int]:
+    """Widths <= the teacher's whose heads divide them into multiples of 8."""
+    groups = int(getattr(config, "num_conv_pos_embedding_groups", 1))
+    out = []
+    for width in range(HEAD_DIM_MULTIPLE, teacher.hidden_dim + 1, HEAD_DIM_MULTIPLE):
+        heads = num_heads or _default_heads(width, teacher)
+        if width % (heads * HEAD_DIM_MULTIPLE) == 0 and width % groups == 0:
+            out.append(width)
+    return out
+
+
+def _solve_deep_narrow(
+    teacher: StudentSizes,
+    spec: StudentSpec,
+    config: Any,
+    budget: float,
+    count: Callable[[StudentSizes], int],
+) -> StudentSizes:
+    num_layers = spec.num_layers or teacher.num_layers
+
+    def sizes_for(width: int) -> StudentSizes:
+        return StudentSizes(
+            num_layers=num_layers,
+            hidden_dim=width,
+            num_heads=spec.num_heads or _default_heads(width, teacher),
+            ffn_dim=spec.ffn_dim or _default_ffn(width, teacher),
+        )
+
+    if spec.hidden_dim is not None:
+        return sizes_for(spec.hidden_dim)
+    candidates = _width_candidates(teacher, spec.num_heads, config)
+    if not candidates:
+        raise ValueError(
+            f"no student width <= the teacher's {teacher.hidden_dim} is divisible into "
+            f"{spec.num_heads} heads of a multiple of {HEAD_DIM_MULTIPLE}; set hidden_dim"
+        )
+    # Parameter counts grow with the width: bisect for the first candidate at/above budget.
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if count(sizes_for(candidates[middle])) < budget:
+            low = middle + 1
+        else:
+            high = middle
+    nearby = {candidates[low], candidates[max(low - 1, 0)]}
+    best = min(nearby, key=lambda width: abs(count(sizes_for(width)) - budget))
+    return sizes_for(best)
+
+
+def _solve_shallow_wide(
+    teacher: StudentSizes,
+    spec: StudentSpec,
+    budget: int,
+    count: Callable[[StudentSizes], int],
+) -> StudentSizes:
+    width = spec.hidden_dim or teacher.hidden_dim
+    heads = spec.num_heads or _default_heads(width, teacher)
+    max_ffn = spec.ffn_dim or _default_ffn(width, teacher)
+
+    def sizes_for(num_layers: int, ffn_dim: int) -> StudentSizes:
+        return StudentSizes(
+            num_layers=num_layers, hidden_dim=width, num_heads=heads, ffn_dim=ffn_dim
+        )
+
+    num_layers = spec.num_layers or SHALLOW_WIDE_LAYERS
+    if spec.num_layers is None:  # fewest layers (>= 2) that reach the budget
+        while num_layers < teacher.num_layers and count(sizes_for(num_layers, max_ffn)) < budget:
+            num_layers += 1
+    if spec.ffn_dim is not None:
+        return sizes_for(num_layers, spec.ffn_dim)
+    # The count is linear in the FFN width: solve from two points.
+    base = count(sizes_for(num_layers, FFN_MULTIPLE))
+    slope = (count(sizes_for(num_layers, 2 * FFN_MULTIPLE)) - base) / FFN_MULTIPLE
+    if base > budget:
+        raise ValueError(
+            f"a shallow-wide student of {num_layers} layers x {width} has {base} parameters "
+            f"even with FFN {FFN_MULTIPLE}, above the budget {budget} (the deep-narrow student "
+            "of the same compression); lower hidden_dim or the compression"
+        )
+    ffn_dim = _round_to(FFN_MULTIPLE + (budget - base) / slope, FFN_MULTIPLE)
+    return sizes_for(num_layers, ffn_dim)
+
+
+def _validate(teacher: StudentSizes, student: StudentSizes, config: Any) -> None:
+    """The size checks of a resolved student; errors name both sizes."""
+    _check_not_larger(teacher, student.num_layers, student.hidden_dim)
+    if student.hidden_dim % student.num_heads:
+        raise ValueError(
+            f"student width {student.hidden_dim} is not divisible by its {student.num_heads} heads"
+        )
+    groups = int(getattr(config, "num_conv_pos_embedding_groups", 1))
+    if student.hidden_dim % groups:
+        raise ValueError(
+            f"student width {student.hidden_dim} is not divisible by the positional "
+            f"convolution's {groups} groups (config.num_conv_pos_embedding_groups)"
+        )
+
+
+def _check_not_larger(
+    teacher: StudentSizes, num_layers: int | None, hidden_dim: int | None
+) -> None:
+    if num_layers is not None and num_layers > teacher.num_layers:
+        raise ValueError(
+            f"student has {num_layers} layers but the teacher only {teacher.num_layers}; a "
+            "student must not be deeper than its teacher"
+        )
+    if hidden_dim is not None and hidden_dim > teacher.hidden_dim:
+        raise ValueError(
+            f"student width {hidden_dim} is wider than the teacher's {teacher.hidden_dim}; a "
+            "student must not be wider than its teacher"
+        )

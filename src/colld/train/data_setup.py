@@ -1,0 +1,149 @@
+"""Training and dev data for a run: resolve the source, build loaders, stream batches.
+
+``BatchStream`` turns the sampler's endless loader into what the loop needs: the next
+non-empty batch, the position training has consumed (for checkpoints), and a resume point.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from colld.audio import FrontEnd
+from colld.config import DataConfig
+from colld.data.dataset import Batch, make_loader
+from colld.data.manifest import Utterance, read_manifest
+from colld.data.sampler import DurationBucketSampler
+from colld.encoders.base import SpeechEncoder
+
+log = logging.getLogger(__name__)
+
+
+class BatchStream:
+    """Endless non-empty batches from a loader whose sampler can seek."""
+
+    def __init__(self, loader: DataLoader, sampler: DurationBucketSampler) -> None:
+        self.loader = loader
+        self.sampler = sampler
+        self._iter: Iterator[Batch] | None = None
+        self._skipped: dict[str, str] = {}
+
+    def seek(self, epoch: int, batches_in_epoch: int) -> None:
+        """Continue right after ``batches_in_epoch`` consumed batches of ``epoch``."""
+        self.sampler.load_state_dict(self.sampler.state_at(epoch, batches_in_epoch))
+        self._iter = None
+
+    def next_batch(self) -> Batch:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        while True:
+            batch = next(self._iter)
+            self.sampler.note_consumed(batch.epoch, batch.batch_index)
+            self._skipped.update(batch.skip_reasons)
+            if batch.ids:
+                return batch
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches consumed in it) as training has seen them."""
+        state = self.sampler.state_dict()
+        return state["epoch"], state["batches_consumed_in_epoch"]
+
+    def one_pass(self, max_batches: int = 0) -> Iterator[Batch]:
+        """The first ``max_batches`` (0 = all) non-empty batches of epoch 0, same every call."""
+        count = 0
+        for batch in self.loader:
+            if batch.epoch > 0 or (max_batches and count >= max_batches):
+                break
+            if batch.ids:
+                count += 1
+                yield batch
+
+    def skipped(self) -> dict[str, str]:
+        return dict(self._skipped)
+
+    def close(self) -> None:
+        self._iter = None
+
+
+def resolve_sources(cfg: DataConfig, seed: int) -> tuple[tuple[list[Utterance], Path], tuple[list[Utterance], Path] | None]:
+    """(train utterances, root) and optionally (dev utterances, root).
+
+    With no ``data.train`` the embedded corpus is used, synthesised on first use."""
+    if cfg.train is None:
+        corpus = ensure_embedded_corpus(Path(cfg.corpus_dir), cfg.corpus_hours, seed)
+        train = _read_jsonl(corpus / "manifests" / "train.jsonl")
+        dev_path = corpus / "manifests" / "dev.jsonl"
+        dev = _read_jsonl(dev_path) if cfg.dev is None and dev_path.is_file() else None
+    else:
+        train = _read_any(cfg.train)
+        dev = None
+    if cfg.dev is not None:
+        dev = _read_any(cfg.dev)
+    return train, dev
+
+
+def ensure_embedded_corpus(corpus_dir: Path, hours: float, seed: int) -> Path:
+    """Build the espeak-ng corpus unless a complete one is there (resumable)."""
+    from colld.data.synth import SynthConfig, corpus_is_complete, synthesize_corpus
+
+    if not corpus_is_complete(corpus_dir):
+        log.info("building the embedded corpus in %s (%.2f h of speech)", corpus_dir, hours)
+        synthesize_corpus(SynthConfig(out_dir=str(corpus_dir), hours=hours, seed=seed))
+    return corpus_dir
+
+
+def _read_jsonl(path: Path) -> tuple[list[Utterance], Path]:
+    utterances, problems = read_manifest(path)
+    for problem in problems:
+        log.warning("skipping manifest row: %s", problem)
+    return utterances, path.parent  # manifest paths are relative to the manifest's folder
+
+
+def _read_any(spec: str) -> tuple[list[Utterance], Path]:
+    from colld.data.readers import read_any
+
+    utterances, root, problems = read_any(spec)
+    for problem in problems:
+        log.warning("skipping: %s", problem)
+    if problems:
+        log.warning("%d entries of %s were skipped", len(problems), spec)
+    return utterances, root
+
+
+def build_data(
+    cfg: DataConfig,
+    feature_extractor: Any,
+    encoder: SpeechEncoder,
+    seed: int,
+    accelerator: Accelerator,
+) -> tuple[BatchStream, BatchStream | None]:
+    """Loaders for this process' share of the training data and for the dev data."""
+    frontend = FrontEnd(feature_extractor)
+    (train_utts, train_root), dev = resolve_sources(cfg, seed)
+    common: dict[str, Any] = dict(
+        batch_seconds=cfg.batch_seconds,
+        max_duration=cfg.max_duration,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    loader, sampler = make_loader(
+        train_utts, train_root, frontend, num_workers=cfg.num_workers, augment=cfg.augment,
+        **common,
+    )
+    log.info("training data: %d utterances, %.2f h (%s)", len(train_utts),
+             sum(u.duration for u in train_utts) / 3600, train_root)
+    dev_stream = None
+    if dev is not None:
+        dev_utts, dev_root = dev
+        dev_loader, dev_sampler = make_loader(
+            dev_utts, dev_root, frontend, num_workers=0, augment=None, num_epochs=1, **common
+        )
+        dev_stream = BatchStream(dev_loader, dev_sampler)
+    return BatchStream(loader, sampler), dev_stream

@@ -1,0 +1,89 @@
+"""Run logging: TensorBoard, a JSONL metrics file (read later by reports), a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from colld.objectives.objective import LossOutput
+
+log = logging.getLogger(__name__)
+
+
+def loss_scalars(out: LossOutput, prefix: str) -> dict[str, float]:
+    """Flatten a LossOutput into named floats: total, every pair's part, health signals."""
+    scalars = {f"{prefix}/loss": float(out.total.detach())}
+    groups = {
+        "loss": out.parts,
+        "acc": out.accuracy,
+        "cos": out.cosine,
+        "student_std": out.student_std,
+    }
+    for group, values in groups.items():
+        for name, value in values.items():
+            scalars[f"{prefix}/{group}/{name}"] = float(value.detach())
+    if out.accuracy:
+        scalars[f"{prefix}/acc"] = sum(scalars[f"{prefix}/acc/{k}"] for k in out.accuracy) / len(
+            out.accuracy
+        )
+    return scalars
+
+
+class RunLogger:
+    """Writes only on the main process; other ranks get a silent logger."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._writer = None
+        self._jsonl = None
+        self._bar = None
+        self._t0 = time.perf_counter()
+        self._audio0 = 0.0
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+                         dynamic_ncols=True)
+
+    def start_window(self, audio_seconds: float) -> None:
+        self._t0 = time.perf_counter()
+        self._audio0 = audio_seconds
+
+    def throughput(self, audio_seconds: float) -> float:
+        """Audio seconds processed per wall second since the last window start."""
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        return (audio_seconds - self._audio0) / elapsed
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = step
+        self._bar.set_postfix(postfix, refresh=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

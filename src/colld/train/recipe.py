@@ -1,0 +1,348 @@
+"""The distillation recipe: setup -> train -> save, readable on one screen per function.
+
+Runs unchanged on one CPU, one GPU, or many processes under ``accelerate launch`` /
+``torchrun`` (HF Accelerate does all distributed work; colld has none of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from transformers import get_scheduler
+
+from colld.config import RunConfig, dump_config, to_dict
+from colld.encoders.base import SpeechEncoder
+from colld.objectives.objective import DistillObjective, LossOutput
+from colld.students.build import build_student, count_encoder_parameters
+from colld.students.export import export_student
+from colld.teachers import LoadedModel, load_teacher
+from colld.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from colld.train.data_setup import BatchStream, build_data
+from colld.train.metrics import RunLogger, loss_scalars
+from colld.train.step import Distiller, distill_loss, step_generator
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change between a run and its resumption (they do not change the math).
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.ckpt_every", "train.keep_last", "train.output_dir", "train.device",
+    "data.num_workers", "train.max_bad_steps",
+}
+
+
+class BadStepsError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    accelerator: Accelerator
+    teacher: LoadedModel
+    student: SpeechEncoder
+    objective: DistillObjective
+    distiller: torch.nn.Module  # the prepared (possibly DDP-wrapped) Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train: BatchStream
+    dev: BatchStream | None
+    state: TrainState
+    run_dir: Path
+    logger: RunLogger
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Accelerate's mixed_precision value. auto: bf16 on CUDA with bf16 (fp16 otherwise);
+    fp32 on CPU (bench/bench_step.py compares bf16 autocast on CPU: see docs/benchmarks.md)."""
+    if precision == "fp32":
+        return "no"
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    probe = torch.device("cpu" if cpu else "cuda")
+    # Unmasked runs leave the mask embedding unused: DDP must be told to tolerate that.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.objective.mask)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_precision(cfg.train.precision, probe),
+        kwargs_handlers=[ddp],
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms (1-D tensors) and the mask embedding."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "mask" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def setup(cfg: RunConfig, *, resume: bool) -> Run:
+    accelerator = make_accelerator(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    checkpoint = _find_resume_point(run_dir, cfg, resume)
+    teacher = load_teacher(
+        cfg.teacher.spec,
+        trust_remote_code=cfg.teacher.trust_remote_code,
+        revision=cfg.teacher.revision,
+    )
+    student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed)
+    objective = DistillObjective(
+        cfg.objective,
+        student_dim=student.hidden_dim,
+        teacher_dim=teacher.encoder.hidden_dim,
+        num_student_layers=student.num_layers,
+        num_teacher_layers=teacher.encoder.num_layers,
+    )
+    _log_sizes(teacher.encoder, student, objective)
+    train, dev = build_data(cfg.data, teacher.feature_extractor, teacher.encoder, cfg.train.seed,
+                            accelerator)
+    distiller = Distiller(student, objective)
+    optimizer = torch.optim.AdamW(param_groups(distiller, cfg.train.weight_decay), lr=cfg.train.lr)
+    scheduler = get_scheduler(
+        cfg.train.schedule,
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
+    state = TrainState()
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        distiller.load_state_dict(ckpt.trainable)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        state = ckpt.state
+        train.seek(state.epoch, state.batches_in_epoch)
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+    teacher.encoder.to(accelerator.device)
+    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, enabled=accelerator.is_main_process,
+                       total_steps=cfg.train.max_steps, start_step=state.step)
+    return Run(cfg, accelerator, teacher, student, objective, distiller, optimizer, scheduler,
+               train, dev, state, run_dir, logger)
+
+
+def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    latest = latest_checkpoint(run_dir)
+    if not resume:
+        if latest is not None:
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
+                f"continue it, or set train.output_dir to a new folder"
+            )
+        return None
+    if latest is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        return None
+    saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
+    changed = _config_differences(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+    if changed:
+        raise ValueError(
+            f"cannot resume {run_dir}: the config changed in ways that matter: "
+            + ", ".join(sorted(changed))
+            + " (restore them, or start a new run with another train.output_dir)"
+        )
+    return latest
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    diffs: set[str] = set()
+    for key in keys:
+        path = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs |= _config_differences(va, vb, path + ".")
+        elif va != vb:
+            diffs.add(path)
+    return diffs
+
+
+def _log_sizes(teacher: SpeechEncoder, student: SpeechEncoder, objective: DistillObjective) -> None:
+    t, s = count_encoder_parameters(teacher), count_encoder_parameters(student)
+    log.info(
+        "teacher %s: %d layers, width %d, %.2fM params | student: %d layers, width %d, %.2fM "
+        "params (%.2fx smaller) | pairs %s",
+        teacher.family, teacher.num_layers, teacher.hidden_dim, t / 1e6,
+        student.num_layers, student.hidden_dim, s / 1e6, t / max(s, 1),
+        ", ".join(f"s{i}->t{j}" for i, j in objective.pairs),
+    )
+
+
+def train_update(run: Run) -> tuple[LossOutput, float, bool]:
+    """One optimizer update over ``grad_accum`` batches. Returns (loss, grad norm, applied)."""
+    acc, cfg = run.accelerator, run.cfg.train
+    generator = step_generator(cfg.seed, run.state.step, acc.process_index, acc.device)
+    out, ids = None, []
+    for micro in range(cfg.grad_accum):
+        batch = run.train.next_batch().to(acc.device)
+        ids += batch.ids
+        sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.distiller)
+        with sync, acc.autocast():
+            out = distill_loss(run.distiller, run.teacher.encoder, run.objective, batch, generator)
+            acc.backward(out.total / cfg.grad_accum)
+        seconds = acc.reduce(batch.durations.sum().to(acc.device).float(), reduction="sum")
+        run.state.audio_seconds += float(seconds)
+    params = [p for p in run.distiller.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+    finite = torch.tensor(float(math.isfinite(grad_norm) and torch.isfinite(out.total).item()),
+                          device=acc.device)
+    applied = bool(acc.reduce(finite, reduction="mean").item() == 1.0)
+    if applied:
+        run.optimizer.step()
+        run.scheduler.step()
+    else:
+        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); skipped, "
+                    "batch ids: %s", run.state.step, float(out.total), grad_norm, ", ".join(ids))
+    run.optimizer.zero_grad(set_to_none=True)
+    return out, grad_norm, applied
+
+
+def train_loop(run: Run) -> None:
+    cfg = run.cfg.train
+    run.logger.start_window(run.state.audio_seconds)
+    while run.state.step < cfg.max_steps:
+        out, grad_norm, applied = train_update(run)
+        run.state.bad_steps = 0 if applied else run.state.bad_steps + 1
+        if run.state.bad_steps >= cfg.max_bad_steps:
+            _save(run)
+            raise BadStepsError(
+                f"{run.state.bad_steps} non-finite steps in a row at step {run.state.step}; the "
+                f"last good weights are in {run.run_dir / 'checkpoints'} (lower train.lr or check "
+                f"the data named in the log)"
+            )
+        if not applied:
+            continue
+        run.state.step += 1
+        run.state.epoch, run.state.batches_in_epoch = run.train.position()
+        _after_step(run, out, grad_norm)
+    _save(run)
+
+
+def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
+    cfg, step = run.cfg.train, run.state.step
+    if step % cfg.log_every == 0 or step == cfg.max_steps:
+        speed = run.logger.throughput(run.state.audio_seconds)
+        scalars = loss_scalars(out, "train")
+        scalars.update({"train/grad_norm": grad_norm, "train/lr": run.scheduler.get_last_lr()[0],
+                        "train/audio_s_per_s": speed, "train/epoch": run.state.epoch,
+                        "train/audio_hours": run.state.audio_seconds / 3600})
+        run.logger.log(step, scalars)
+        run.logger.progress(step, {"loss": f"{scalars['train/loss']:.3f}",
+                                   "acc": f"{scalars.get('train/acc', float('nan')):.2f}",
+                                   "audio_s/s": f"{speed:.1f}"})
+        run.logger.start_window(run.state.audio_seconds)
+    if run.dev is not None and cfg.eval_every and step % cfg.eval_every == 0:
+        evaluate_dev(run)
+    if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+        _save(run)
+
+
+@torch.no_grad()
+def evaluate_dev(run: Run) -> dict[str, float]:
+    """Mean dev loss and health signals with fixed masks/distractors (seeded per batch)."""
+    acc = run.accelerator
+    run.distiller.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for index, batch in enumerate(run.dev.one_pass(run.cfg.train.eval_batches)):
+        generator = step_generator(run.cfg.train.seed + 1, index, acc.process_index, acc.device)
+        with acc.autocast():
+            out = distill_loss(run.distiller, run.teacher.encoder, run.objective,
+                               batch.to(acc.device), generator)
+        for key, value in loss_scalars(out, "dev").items():
+            totals[key] = totals.get(key, 0.0) + value
+        count += 1
+    run.distiller.train()
+    if count == 0:
+        return {}
+    means = {k: float(acc.reduce(torch.tensor(v / count, device=acc.device), "mean"))
+             for k, v in totals.items()}
+    run.logger.log(run.state.step, means)
+    loss = means["dev/loss"]
+    if run.state.best_dev_loss is None or loss < run.state.best_dev_loss:
+        run.state.best_dev_loss = loss
+    log.info("step %d dev loss %.4f%s", run.state.step, loss,
+             f" acc {means['dev/acc']:.3f}" if "dev/acc" in means else "")
+    return means
+
+
+def _save(run: Run) -> None:
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return
+    run.state.skipped_files.update(run.train.skipped())
+    trainable = run.accelerator.unwrap_model(run.distiller).state_dict()
+    save_checkpoint(
+        run.run_dir,
+        trainable=trainable,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        state=run.state,
+        config_yaml=yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
+        keep_last=run.cfg.train.keep_last,
+    )
+
+
+def export(run: Run) -> Path:
+    """Write the student as a plain Hugging Face model directory; heads beside it."""
+    out_dir = run.run_dir / "student"
+    if run.accelerator.is_main_process:
+        distiller = run.accelerator.unwrap_model(run.distiller)
+        # The wrapper's own training-only tensors (Whisper's mask embedding) are added by
+        # export_student; HF families keep theirs inside the model (masked_spec_embed).
+        heads = {f"objective.{k}": v for k, v in distiller.objective.state_dict().items()}
+        export_student(distiller.student, run.teacher.feature_extractor, out_dir,
+                       extra_files={"distill_heads.safetensors": heads})
+    run.accelerator.wait_for_everyone()
+    return out_dir
+
+
+def distill(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Run the whole recipe; returns the exported student directory."""
+    run = setup(cfg, resume=resume)
+    try:
+        if run.dev is not None and run.state.step == 0:
+            evaluate_dev(run)
+        train_loop(run)
+        if run.dev is not None:
+            evaluate_dev(run)
+        student_dir = export(run)
+        skipped = run.train.skipped()
+        if skipped:
+            log.warning("%d files were skipped during training (see the log lines above)",
+                        len(skipped))
+        return student_dir
+    finally:
+        run.logger.close()
+        run.train.close()

@@ -1,0 +1,199 @@
+"""The whole distillation loop on tiny random teachers of every family, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import (
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertConfig,
+    Wav2Vec2BertModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
+
+from colld.cli import main
+from colld.train.checkpoint import list_checkpoints
+
+CONV = dict(
+    conv_dim=(16, 16),
+    conv_kernel=(10, 3),
+    conv_stride=(5, 2),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+)
+SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+
+
+def _tiny_teacher(family: str, out: Path) -> Path:
+    """Save a tiny random teacher of ``family`` (with its feature extractor) to ``out``."""
+    torch.manual_seed(0)
+    if family == "whisper":
+        config = WhisperConfig(
+            d_model=32,
+            encoder_layers=4,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_layers=1,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            num_mel_bins=80,
+            vocab_size=100,
+            max_source_positions=1500,
+            max_target_positions=32,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=3,
+        )
+        model, fe = WhisperModel(config), WhisperFeatureExtractor(feature_size=80)
+    elif family == "wav2vec2-bert":
+        config = Wav2Vec2BertConfig(
+            **SMALL,
+            feature_projection_input_dim=160,
+            conv_depthwise_kernel_size=3,
+            add_adapter=False,
+        )
+        model, fe = Wav2Vec2BertModel(config), SeamlessM4TFeatureExtractor()
+    else:
+        cls = {
+            "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+            "hubert": (HubertConfig, HubertModel),
+            "wavlm": (WavLMConfig, WavLMModel),
+            "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
+        }[family]
+        extra = {"num_buckets": 16, "max_bucket_distance": 64} if family == "wavlm" else {}
+        model = cls[1](cls[0](**SMALL, **CONV, **extra))
+        fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    model.save_pretrained(out)
+    fe.save_pretrained(out)
+    return out
+
+
+def _audio_dir(out: Path, num: int = 12) -> Path:
+    """Noisy harmonic tones of 0.6-2.5 s at 16 kHz (enough structure for a few steps)."""
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True)
+    for i in range(num):
+        seconds = rng.uniform(0.6, 2.5)
+        t = np.arange(int(seconds * 16000)) / 16000
+        f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
+        phase = 2 * np.pi * np.cumsum(f0) / 16000
+        wave = sum(np.sin(k * phase) / k for k in range(1, 6)) + 0.05 * rng.standard_normal(t.size)
+        sf.write(out / f"utt{i:02d}.wav", (0.3 * wave).astype(np.float32), 16000)
+    return out
+
+
+def _run(tmp_path: Path, family: str, *extra: str) -> Path:
+    teacher = _tiny_teacher(family, tmp_path / f"teacher-{family}")
+    data = (
+        _audio_dir(tmp_path / "audio") if not (tmp_path / "audio").exists() else tmp_path / "audio"
+    )
+    run_dir = tmp_path / f"run-{family}"
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--output",
+        str(run_dir),
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.eval_every=0",
+        "data.batch_seconds=6",
+        "data.max_duration=3",
+        "data.num_workers=0",
+        "student.num_layers=2",
+        "student.hidden_dim=16",
+        "student.num_heads=2",
+        "student.ffn_dim=32",
+        "objective.num_negatives=5",
+        "objective.mask_span=2",
+        *extra,
+    ]
+    assert main(args) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "family", ["whisper", "wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert"]
+)
+def test_distill_every_family_end_to_end(tmp_path: Path, family: str) -> None:
+    run_dir = _run(tmp_path, family)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert any(k.startswith("train/acc/") for k in rows[-1])  # contrastive accuracy is logged
+    assert any(k.startswith("train/student_std/") for k in rows[-1])  # collapse monitor
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000002", "step_00000004"]
+    student = run_dir / "student"
+    assert (student / "model.safetensors").is_file()
+    assert (student / "distill_heads.safetensors").is_file()
+    assert (student / "preprocessor_config.json").is_file()
+
+
+def test_resume_refuses_changed_config_and_continues(tmp_path: Path) -> None:
+    run_dir = _run(tmp_path, "wav2vec2")
+    base = [
+        "distill",
+        "--teacher",
+        str(tmp_path / "teacher-wav2vec2"),
+        "--data",
+        str(tmp_path / "audio"),
+        "--output",
+        str(run_dir),
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.eval_every=0",
+        "data.batch_seconds=6",
+        "data.max_duration=3",
+        "data.num_workers=0",
+        "student.num_layers=2",
+        "student.hidden_dim=16",
+        "student.num_heads=2",
+        "student.ffn_dim=32",
+        "objective.num_negatives=5",
+        "objective.mask_span=2",
+    ]
+    # The same run again without --resume: refused, nothing overwritten.
+    assert main(base + ["train.max_steps=6"]) == 2
+    # --resume with a changed objective: refused.
+    assert main(["distill", "--resume", *base[1:], "train.max_steps=6", "objective.tau=0.5"]) == 2
+    # --resume with more steps: continues from step 4.
+    assert main(["distill", "--resume", *base[1:], "train.max_steps=6"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert list_checkpoints(run_dir)[-1].name == "step_00000006"
+
+
+def test_prediction_heads_and_l1cos_baselines_run(tmp_path: Path) -> None:
+    run_dir = _run(
+        tmp_path,
+        "hubert",
+        "objective.mode=prediction-heads",
+        "objective.loss=l1cos",
+        "objective.mask=false",
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    parts = [k for k in rows[-1] if k.startswith("train/loss/")]
+    assert parts and all(k.startswith("train/loss/s2->") for k in parts)  # last student layer only
