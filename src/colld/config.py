@@ -179,7 +179,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} values, found {value!r}")
-            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
         item = args[0] if args else Any
         coerced = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(coerced) if origin is tuple else coerced

@@ -14,15 +14,8 @@ import torch
 
 from colld.audio import FrontEnd
 from colld.data.augment import AugmentConfig
-from colld.data.dataset import (
-    Batch,
-    DataUnusableError,
-    DistillDataset,
-    check_usable,
-    collate_waveforms,
-    make_loader,
-    pad_features,
-)
+from colld.data.batch import Batch, collate_waveforms, pad_features
+from colld.data.dataset import DataUnusableError, DistillDataset, check_usable, make_loader
 from colld.data.manifest import Utterance
 from colld.data.sampler import SampledBatch
 

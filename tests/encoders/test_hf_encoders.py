@@ -35,15 +35,6 @@ _CONV = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny(family: str, **overrides) -> torch.nn.Module:
     """A tiny random base model of ``family`` in eval mode (dropout inactive)."""
     sizes = {**_SIZES, **overrides}

@@ -15,16 +15,6 @@ from colld.objectives.objective import DistillObjective, LossOutput, ObjectiveCo
 NUM_STUDENT, NUM_TEACHER, STUDENT_DIM, TEACHER_DIM = 4, 6, 8, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's barriers
-    make them ~15x slower; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -79,15 +79,6 @@ _CONV = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_teacher_model(family: str, **overrides) -> torch.nn.Module:
     """A tiny random base encoder of ``family`` (4 layers x 64, 4 heads, FFN 256)."""
     torch.manual_seed(0)

@@ -197,3 +197,27 @@ def test_prediction_heads_and_l1cos_baselines_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     parts = [k for k in rows[-1] if k.startswith("train/loss/")]
     assert parts and all(k.startswith("train/loss/s2->") for k in parts)  # last student layer only
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_good_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN loss never reaches the weights; N bad steps in a row stop the run cleanly."""
+    from safetensors.torch import load_file
+
+    import colld.train.recipe as recipe
+
+    real = recipe.distill_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.total = out.total * float("nan")
+        return out
+
+    monkeypatch.setattr(recipe, "distill_loss", poisoned)
+    with pytest.raises(recipe.BadStepsError, match="3 non-finite steps in a row"):
+        _run(tmp_path, "wav2vec2", "train.max_bad_steps=3")
+    ckpt = list_checkpoints(tmp_path / "run-wav2vec2")[-1]
+    assert ckpt.name == "step_00000000"  # no step was applied
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())

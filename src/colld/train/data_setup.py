@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from colld.audio import FrontEnd
 from colld.config import DataConfig
-from colld.data.dataset import Batch, make_loader
+from colld.data.batch import Batch
+from colld.data.dataset import make_loader
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.sampler import DurationBucketSampler
 from colld.encoders.base import SpeechEncoder

@@ -335,8 +335,9 @@ def distill(cfg: RunConfig, *, resume: bool = False) -> Path:
         if run.dev is not None and run.state.step == 0:
             evaluate_dev(run)
         train_loop(run)
-        if run.dev is not None:
-            evaluate_dev(run)
+        every = run.cfg.train.eval_every
+        if run.dev is not None and not (every and run.state.step % every == 0):
+            evaluate_dev(run)  # the loop has not just done it
         student_dir = export(run)
         skipped = run.train.skipped()
         if skipped:

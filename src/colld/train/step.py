@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from colld.data.dataset import Batch
+from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.objectives.objective import DistillObjective, LossOutput
 
