@@ -57,14 +57,14 @@ def load_clips(args: argparse.Namespace, feature_extractor) -> tuple[list[torch.
     return clips, time.perf_counter() - t0
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
     """FLOP/s of a square matmul on this device (the practical peak)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync(device)
-    reps, t0 = 5 if device.type == "cpu" else 50, time.perf_counter()
+    reps, t0 = 3 if device.type == "cpu" else 50, time.perf_counter()
     for _ in range(reps):
         a @ b
     sync(device)
@@ -118,8 +118,13 @@ def run_config(teacher, batch: Batch, loss: str, precision: str, args, device) -
             for key, a, b in zip(parts, marks[:-1], marks[1:], strict=True):
                 parts[key] += (b - a) / args.steps
     flops = count_step_flops(teacher, student, objective, batch, autocast)
-    return {"parts_s": parts, "step_s": sum(parts.values()), "first_loss": first_loss,
-            "flops": flops, "student_params": count_encoder_parameters(student)}
+    return {
+        "parts_s": parts,
+        "step_s": sum(parts.values()),
+        "first_loss": first_loss,
+        "flops": flops,
+        "student_params": count_encoder_parameters(student),
+    }
 
 
 def count_step_flops(teacher, student, objective, batch: Batch, autocast) -> float:
@@ -129,8 +134,9 @@ def count_step_flops(teacher, student, objective, batch: Batch, autocast) -> flo
         targets = teacher_targets(teacher, batch, objective)
         num_frames = next(iter(targets.states.values())).shape[1]
         mask = objective.make_mask(targets.lengths, num_frames, g)
-        out = student(batch.features, batch.feature_lengths, layers=objective.student_layers,
-                      mask=mask)
+        out = student(
+            batch.features, batch.feature_lengths, layers=objective.student_layers, mask=mask
+        )
         objective(out.hidden_states, targets.states, out.lengths, mask, g).total.backward()
     student.zero_grad(set_to_none=True)
     objective.zero_grad(set_to_none=True)
@@ -156,15 +162,21 @@ def main() -> None:
     loaded = load_teacher(args.teacher)
     clips, data_s = load_clips(args, loaded.feature_extractor)
     if args.save_features:
-        torch.save({"clips": [c.half() for c in clips], "data_seconds_per_batch": data_s},
-                   args.save_features)
+        torch.save(
+            {"clips": [c.half() for c in clips], "data_seconds_per_batch": data_s},
+            args.save_features,
+        )
         print(f"saved {len(clips)} clips to {args.save_features}")
         return
     teacher = loaded.encoder.to(device).eval()
     features, lengths = pad_features(clips * args.repeat)
     seconds = lengths.float() / 100.0  # log-mel frames at 100 per second
-    batch = Batch(ids=[str(i) for i in range(len(lengths))], features=features,
-                  feature_lengths=lengths, durations=seconds).to(device)
+    batch = Batch(
+        ids=[str(i) for i in range(len(lengths))],
+        features=features,
+        feature_lengths=lengths,
+        durations=seconds,
+    ).to(device)
     audio_s = float(seconds.sum())
     rows = {}
     for precision in args.precisions.split(","):
@@ -176,35 +188,59 @@ def main() -> None:
             rows[(precision, loss)] = r
     print_table(rows, audio_s, data_s * args.repeat, device, len(lengths))
     if args.out:
-        Path(args.out).write_text(json.dumps(
-            {f"{p}/{l}": r for (p, l), r in rows.items()} | {"audio_s": audio_s}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {f"{prec}/{loss}": r for (prec, loss), r in rows.items()} | {"audio_s": audio_s},
+                indent=1,
+            )
+        )
 
 
 def print_table(rows: dict, audio_s: float, data_s: float, device, num_clips: int) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\ndevice: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"batch: {num_clips} clips, {audio_s:.1f} s of audio; data+front end (0 workers): "
-          f"{data_s * 1000:.0f} ms/batch")
-    header = ("precision", "loss", "teacher ms", "student fwd ms", "loss ms", "backward ms",
-              "optim ms", "step ms", "audio s/s", "GFLOP/step", "% of peak", "first loss")
+    print(
+        f"\ndevice: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        f"batch: {num_clips} clips, {audio_s:.1f} s of audio; data+front end (0 workers): "
+        f"{data_s * 1000:.0f} ms/batch"
+    )
+    header = (
+        "precision",
+        "loss",
+        "teacher ms",
+        "student fwd ms",
+        "loss ms",
+        "backward ms",
+        "optim ms",
+        "step ms",
+        "audio s/s",
+        "GFLOP/step",
+        "% of peak",
+        "first loss",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for (precision, loss), r in rows.items():
         p, step = r["parts_s"], r["step_s"]
-        print(f"| {precision} | {loss} | {p['teacher']*1e3:.0f} | {p['student_fwd']*1e3:.0f} | "
-              f"{p['loss']*1e3:.0f} | {p['backward']*1e3:.0f} | {p['optimizer']*1e3:.0f} | "
-              f"{step*1e3:.0f} | {audio_s/step:.0f} | {r['flops']/1e9:.0f} | "
-              f"{100 * r['flops'] / step / r['peak_flops']:.0f} | {r['first_loss']:.4f} |")
+        print(
+            f"| {precision} | {loss} | {p['teacher'] * 1e3:.0f} | {p['student_fwd'] * 1e3:.0f} | "
+            f"{p['loss'] * 1e3:.0f} | {p['backward'] * 1e3:.0f} | {p['optimizer'] * 1e3:.0f} | "
+            f"{step * 1e3:.0f} | {audio_s / step:.0f} | {r['flops'] / 1e9:.0f} | "
+            f"{100 * r['flops'] / step / r['peak_flops']:.0f} | {r['first_loss']:.4f} |"
+        )
     for precision in {p for p, _ in rows}:
         c, l1 = rows.get((precision, "contrastive")), rows.get((precision, "l1cos"))
         if c and l1:
             print(f"{precision}: contrastive step / l1cos step = {c['step_s'] / l1['step_s']:.3f}")
     if ("fp32", "contrastive") in rows and ("bf16", "contrastive") in rows:
         a, b = rows[("fp32", "contrastive")], rows[("bf16", "contrastive")]
-        print(f"bf16 vs fp32: first-step loss {b['first_loss']:.4f} vs {a['first_loss']:.4f}, "
-              f"step time ratio {b['step_s'] / a['step_s']:.2f}")
-    print(f"data share of a fp32 contrastive step (0 workers, upper bound): "
-          f"{100 * data_s / (data_s + rows.get(('fp32', 'contrastive'), next(iter(rows.values())))['step_s']):.1f}%")
+        print(
+            f"bf16 vs fp32: first-step loss {b['first_loss']:.4f} vs {a['first_loss']:.4f}, "
+            f"step time ratio {b['step_s'] / a['step_s']:.2f}"
+        )
+    print(
+        f"data share of a fp32 contrastive step (0 workers, upper bound): "
+        f"{100 * data_s / (data_s + rows.get(('fp32', 'contrastive'), next(iter(rows.values())))['step_s']):.1f}%"
+    )
 
 
 if __name__ == "__main__":

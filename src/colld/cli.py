@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides like objective.tau=0.05")
     p.set_defaults(func=_distill)
 
-    data = sub.add_parser("data", help="corpus tools").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="corpus tools").add_subparsers(
+        dest="data_cmd", required=True
+    )
     p = data.add_parser("synth", help="synthesise the embedded multilingual corpus (espeak-ng)")
     p.add_argument("--out", default="data/corpus", help="corpus directory")
     p.add_argument("--hours", type=float, default=1.0, help="hours of speech")

@@ -61,11 +61,12 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    max_steps: int = 3000
-    """Optimizer updates."""
+    max_steps: int = 250
+    """Optimizer updates. The default fits the main job in ~25 minutes on 2 CPU cores
+    (~5.2 s per 59 s batch, docs/benchmarks.md); a GPU run wants tens of thousands."""
     lr: float = 5e-4
     """Peak learning rate (AdamW)."""
-    warmup_steps: int = 300
+    warmup_steps: int = 25
     """Linear warm-up steps."""
     schedule: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """Decay after warm-up (transformers' scheduler names)."""
@@ -84,11 +85,11 @@ class TrainConfig:
     """Ask torch for deterministic algorithms (slower; for exact-resume checks)."""
     log_every: int = 10
     """Steps between log lines / TensorBoard points."""
-    eval_every: int = 250
+    eval_every: int = 125
     """Steps between dev-loss evaluations (0 = only at the end)."""
     eval_batches: int = 20
     """Dev batches per evaluation (0 = the whole dev set)."""
-    ckpt_every: int = 250
+    ckpt_every: int = 50
     """Steps between checkpoints (written atomically)."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted)."""
@@ -179,7 +180,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} values, found {value!r}")
-            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
+            return tuple(
+                _coerce(a, v, f"{path}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=False))
+            )
         item = args[0] if args else Any
         coerced = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(coerced) if origin is tuple else coerced
@@ -252,7 +256,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Defaults, then the YAML file's values, then ``a.b=c`` overrides; validated once."""
     tree: dict[str, Any] = {}
     if path is not None:

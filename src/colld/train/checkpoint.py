@@ -77,7 +77,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 def _pickle_free_numpy_state() -> bytes:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    header = json.dumps({"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)})
+    header = json.dumps(
+        {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    )
     head = header.encode().ljust(256, b" ")
     return head + np.asarray(keys, dtype=np.uint32).tobytes()
 

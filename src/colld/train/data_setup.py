@@ -71,7 +71,9 @@ class BatchStream:
         self._iter = None
 
 
-def resolve_sources(cfg: DataConfig, seed: int) -> tuple[tuple[list[Utterance], Path], tuple[list[Utterance], Path] | None]:
+def resolve_sources(
+    cfg: DataConfig, seed: int
+) -> tuple[tuple[list[Utterance], Path], tuple[list[Utterance], Path] | None]:
     """(train utterances, root) and optionally (dev utterances, root).
 
     With no ``data.train`` the embedded corpus is used, synthesised on first use."""
@@ -135,11 +137,19 @@ def build_data(
         pin_memory=accelerator.device.type == "cuda",
     )
     loader, sampler = make_loader(
-        train_utts, train_root, frontend, num_workers=cfg.num_workers, augment=cfg.augment,
+        train_utts,
+        train_root,
+        frontend,
+        num_workers=cfg.num_workers,
+        augment=cfg.augment,
         **common,
     )
-    log.info("training data: %d utterances, %.2f h (%s)", len(train_utts),
-             sum(u.duration for u in train_utts) / 3600, train_root)
+    log.info(
+        "training data: %d utterances, %.2f h (%s)",
+        len(train_utts),
+        sum(u.duration for u in train_utts) / 3600,
+        train_root,
+    )
     dev_stream = None
     if dev is not None:
         dev_utts, dev_root = dev

@@ -53,8 +53,9 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
-                         dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc="distill", unit="step", dynamic_ncols=True
+        )
 
     def start_window(self, audio_seconds: float) -> None:
         self._t0 = time.perf_counter()

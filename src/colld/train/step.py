@@ -47,7 +47,9 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: SpeechEncoder, batch: Batch, objective: DistillObjective) -> TeacherTargets:
+def teacher_targets(
+    teacher: SpeechEncoder, batch: Batch, objective: DistillObjective
+) -> TeacherTargets:
     """Run the frozen teacher on the unmasked batch, only as deep as the deepest target."""
     use_ffn = objective.config.target == "ffn"
     out = teacher(
@@ -57,7 +59,9 @@ def teacher_targets(teacher: SpeechEncoder, batch: Batch, objective: DistillObje
         return_ffn=use_ffn,
     )
     states = out.ffn_outputs if use_ffn else out.hidden_states
-    return TeacherTargets(states={j: states[j] for j in objective.teacher_layers}, lengths=out.lengths)
+    return TeacherTargets(
+        states={j: states[j] for j in objective.teacher_layers}, lengths=out.lengths
+    )
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
