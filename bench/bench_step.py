@@ -187,6 +187,10 @@ def main() -> None:
             r["peak_flops"] = peak
             rows[(precision, loss)] = r
     print_table(rows, audio_s, data_s * args.repeat, device, len(lengths))
+    peaks = {
+        str(dt): matmul_peak(device, dt, size=512) / 1e9 for dt in (torch.float32, torch.bfloat16)
+    }
+    print("512^3 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     if args.out:
         Path(args.out).write_text(
             json.dumps(
