@@ -39,7 +39,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _scan(args: argparse.Namespace) -> int:
     from colld.data.readers import scan_directory
 
-    out = scan_directory(args.dir, args.out)
+    out = scan_directory(args.dir, args.out or f"{args.dir}/manifest.jsonl", verify=args.verify)
     print(f"manifest written to {out}")
     return 0
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("scan", help="write a JSONL manifest (with durations) for a directory")
     p.add_argument("dir")
     p.add_argument("--out", default=None, help="manifest path (default: DIR/manifest.jsonl)")
+    p.add_argument("--verify", action="store_true", help="decode every file (slow, thorough)")
     p.set_defaults(func=_scan)
     return parser
 

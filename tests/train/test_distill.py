@@ -99,38 +99,46 @@ def _audio_dir(out: Path, num: int = 12) -> Path:
     return out
 
 
-def _run(tmp_path: Path, family: str, *extra: str) -> Path:
-    teacher = _tiny_teacher(family, tmp_path / f"teacher-{family}")
-    data = (
-        _audio_dir(tmp_path / "audio") if not (tmp_path / "audio").exists() else tmp_path / "audio"
-    )
-    run_dir = tmp_path / f"run-{family}"
-    args = [
+TINY_RUN = (
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.ckpt_every=2",
+    "train.eval_every=0",
+    "data.batch_seconds=6",
+    "data.max_duration=3",
+    "data.num_workers=0",
+    "student.num_layers=2",
+    "student.hidden_dim=16",
+    "student.num_heads=2",
+    "student.ffn_dim=32",
+    "objective.num_negatives=5",
+    "objective.mask_span=2",
+)
+
+
+def _args(tmp_path: Path, family: str, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
+    """CLI arguments of a tiny run of ``family`` (teacher and audio made on first use)."""
+    teacher = tmp_path / f"teacher-{family}"
+    if not teacher.exists():
+        _tiny_teacher(family, teacher)
+    data = tmp_path / "audio"
+    if not data.exists():
+        _audio_dir(data)
+    paths = ["--teacher", str(teacher), "--data", str(data)]
+    return [
         "distill",
-        "--teacher",
-        str(teacher),
-        "--data",
-        str(data),
+        *flags,
+        *paths,
         "--output",
-        str(run_dir),
-        "train.max_steps=4",
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.ckpt_every=2",
-        "train.eval_every=0",
-        "data.batch_seconds=6",
-        "data.max_duration=3",
-        "data.num_workers=0",
-        "student.num_layers=2",
-        "student.hidden_dim=16",
-        "student.num_heads=2",
-        "student.ffn_dim=32",
-        "objective.num_negatives=5",
-        "objective.mask_span=2",
+        str(tmp_path / f"run-{family}"),
+        *TINY_RUN,
         *extra,
     ]
-    assert main(args) == 0
-    return run_dir
+
+
+def _run(tmp_path: Path, family: str, *extra: str) -> Path:
+    assert main(_args(tmp_path, family, "train.max_steps=4", *extra)) == 0
+    return tmp_path / f"run-{family}"
 
 
 @pytest.mark.parametrize(
@@ -153,34 +161,16 @@ def test_distill_every_family_end_to_end(tmp_path: Path, family: str) -> None:
 
 def test_resume_refuses_changed_config_and_continues(tmp_path: Path) -> None:
     run_dir = _run(tmp_path, "wav2vec2")
-    base = [
-        "distill",
-        "--teacher",
-        str(tmp_path / "teacher-wav2vec2"),
-        "--data",
-        str(tmp_path / "audio"),
-        "--output",
-        str(run_dir),
-        "train.warmup_steps=1",
-        "train.log_every=1",
-        "train.ckpt_every=2",
-        "train.eval_every=0",
-        "data.batch_seconds=6",
-        "data.max_duration=3",
-        "data.num_workers=0",
-        "student.num_layers=2",
-        "student.hidden_dim=16",
-        "student.num_heads=2",
-        "student.ffn_dim=32",
-        "objective.num_negatives=5",
-        "objective.mask_span=2",
-    ]
     # The same run again without --resume: refused, nothing overwritten.
-    assert main(base + ["train.max_steps=6"]) == 2
+    assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6")) == 2
     # --resume with a changed objective: refused.
-    assert main(["distill", "--resume", *base[1:], "train.max_steps=6", "objective.tau=0.5"]) == 2
+    resume = ("--resume",)
+    assert (
+        main(_args(tmp_path, "wav2vec2", "train.max_steps=6", "objective.tau=0.5", flags=resume))
+        == 2
+    )
     # --resume with more steps: continues from step 4.
-    assert main(["distill", "--resume", *base[1:], "train.max_steps=6"]) == 0
+    assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6", flags=resume)) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert list_checkpoints(run_dir)[-1].name == "step_00000006"

@@ -20,7 +20,6 @@ from colld.data.batch import Batch
 from colld.data.dataset import make_loader
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.sampler import DurationBucketSampler
-from colld.encoders.base import SpeechEncoder
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,6 @@ def _read_any(spec: str) -> tuple[list[Utterance], Path]:
 def build_data(
     cfg: DataConfig,
     feature_extractor: Any,
-    encoder: SpeechEncoder,
     seed: int,
     accelerator: Accelerator,
 ) -> tuple[BatchStream, BatchStream | None]:

@@ -143,9 +143,7 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         num_teacher_layers=teacher.encoder.num_layers,
     )
     _log_sizes(teacher.encoder, student, objective)
-    train, dev = build_data(
-        cfg.data, teacher.feature_extractor, teacher.encoder, cfg.train.seed, accelerator
-    )
+    train, dev = build_data(cfg.data, teacher.feature_extractor, cfg.train.seed, accelerator)
     distiller = Distiller(student, objective)
     optimizer = torch.optim.AdamW(param_groups(distiller, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
