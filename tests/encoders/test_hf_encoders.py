@@ -5,56 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    Data2VecAudioConfig,
-    Data2VecAudioModel,
-    HubertConfig,
-    HubertModel,
-    Wav2Vec2BertConfig,
-    Wav2Vec2BertModel,
     Wav2Vec2Config,
     Wav2Vec2ForCTC,
-    Wav2Vec2Model,
-    WavLMConfig,
-    WavLMModel,
 )
 
 from colld.encoders import wrap_encoder
 from colld.encoders.hf import HFSpeechEncoder
+from colld.testing import TINY_CONV, tiny_model
 
 NUM_LAYERS = 3
 _SIZES = dict(
     hidden_size=32, num_hidden_layers=NUM_LAYERS, num_attention_heads=2, intermediate_size=64
 )
-# Two convs (kernel 10 stride 5, kernel 3 stride 2): 10 ms frames at 16 kHz -> 1600 Hz.
-_CONV = dict(
-    conv_dim=(16, 16),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-)
 
 
 def _tiny(family: str, **overrides) -> torch.nn.Module:
     """A tiny random base model of ``family`` in eval mode (dropout inactive)."""
-    sizes = {**_SIZES, **overrides}
-    if family == "wav2vec2":
-        return Wav2Vec2Model(Wav2Vec2Config(**sizes, **_CONV)).eval()
-    if family == "wav2vec2-stable":
-        config = Wav2Vec2Config(
-            **sizes, **_CONV, do_stable_layer_norm=True, feat_extract_norm="layer"
-        )
-        return Wav2Vec2Model(config).eval()
-    if family == "hubert":
-        return HubertModel(HubertConfig(**sizes, **_CONV)).eval()
-    if family == "wavlm":
-        return WavLMModel(WavLMConfig(**sizes, **_CONV)).eval()
-    if family == "data2vec-audio":
-        conv = {**_CONV, "num_conv_pos_embeddings": 3}
-        return Data2VecAudioModel(Data2VecAudioConfig(**sizes, **conv)).eval()
-    if family == "wav2vec2-bert":
-        return Wav2Vec2BertModel(Wav2Vec2BertConfig(**sizes, conv_depthwise_kernel_size=3)).eval()
-    raise AssertionError(family)
+    return tiny_model(family, num_layers=NUM_LAYERS, hidden=32, heads=2, ffn=64, **overrides).eval()
 
 
 FAMILIES = ["wav2vec2", "wav2vec2-stable", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert"]
@@ -244,7 +211,7 @@ def test_padding_does_not_change_valid_frames() -> None:
 
 def test_model_with_head_is_unwrapped_and_unknown_rejected() -> None:
     torch.manual_seed(0)
-    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(**_SIZES, **_CONV, vocab_size=10)).eval()
+    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(**_SIZES, **TINY_CONV, vocab_size=10)).eval()
     encoder = HFSpeechEncoder(ctc)
     assert encoder.model is ctc.wav2vec2
     from transformers import BertConfig, BertModel

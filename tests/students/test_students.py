@@ -15,10 +15,6 @@ from transformers import (
     AutoModel,
     BertConfig,
     BertModel,
-    Data2VecAudioConfig,
-    Data2VecAudioModel,
-    HubertConfig,
-    HubertModel,
     SeamlessM4TFeatureExtractor,
     Wav2Vec2BertConfig,
     Wav2Vec2BertModel,
@@ -47,6 +43,7 @@ from colld.students.build import (
 )
 from colld.students.export import export_student, load_student
 from colld.teachers.hf import TeacherLoadError, load_hf_teacher, wrap_hf_teacher
+from colld.testing import TINY_CONV, TINY_WHISPER_TOKENS, tiny_model
 
 FAMILIES = [
     "whisper",
@@ -66,53 +63,19 @@ _SIZES = dict(
     mask_time_prob=0.2,
     mask_feature_prob=0.1,  # the student must drop it and export must restore it
 )
-# Token ids inside the tiny vocabulary (only the decoder uses them).
-_WHISPER_TOKENS = dict(
-    vocab_size=60, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3
-)
-_CONV = dict(
-    conv_dim=(16, 16),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-)
 
 
 def tiny_teacher_model(family: str, **overrides) -> torch.nn.Module:
     """A tiny random base encoder of ``family`` (4 layers x 64, 4 heads, FFN 256)."""
-    torch.manual_seed(0)
-    sizes = {**_SIZES, **_CONV, **overrides}
+    sizes = dict(
+        num_layers=TEACHER_LAYERS, hidden=TEACHER_WIDTH, heads=TEACHER_HEADS, ffn=TEACHER_FFN
+    )
     if family == "whisper":
-        config = WhisperConfig(
-            d_model=TEACHER_WIDTH,
-            encoder_layers=TEACHER_LAYERS,
-            encoder_attention_heads=TEACHER_HEADS,
-            encoder_ffn_dim=TEACHER_FFN,
-            decoder_layers=1,
-            decoder_attention_heads=TEACHER_HEADS,
-            decoder_ffn_dim=TEACHER_FFN,
-            num_mel_bins=16,
-            max_source_positions=64,
-            **_WHISPER_TOKENS,
-            **overrides,
-        )
-        return WhisperEncoder(config)
-    if family == "wav2vec2":
-        return Wav2Vec2Model(Wav2Vec2Config(**sizes))
-    if family == "wav2vec2-stable":
-        config = Wav2Vec2Config(**sizes, do_stable_layer_norm=True, feat_extract_norm="layer")
-        return Wav2Vec2Model(config)
-    if family == "hubert":
-        return HubertModel(HubertConfig(**sizes))
-    if family == "wavlm":
-        return WavLMModel(WavLMConfig(**sizes))
-    if family == "data2vec-audio":
-        return Data2VecAudioModel(Data2VecAudioConfig(**{**sizes, "num_conv_pos_embeddings": 3}))
-    if family == "wav2vec2-bert":
-        sizes = {k: v for k, v in sizes.items() if k not in _CONV}
-        return Wav2Vec2BertModel(Wav2Vec2BertConfig(**sizes, conv_depthwise_kernel_size=3))
-    raise AssertionError(family)
+        return tiny_model(family, **sizes, num_mel_bins=16, max_source_positions=64, **overrides)
+    # mask_feature_prob: the student must drop it and export must restore it.
+    return tiny_model(
+        family, **sizes, **{"mask_time_prob": 0.2, "mask_feature_prob": 0.1, **overrides}
+    )
 
 
 def tiny_teacher(family: str, **overrides) -> SpeechEncoder:
@@ -410,7 +373,7 @@ def test_spec_errors(kwargs: dict, message: str) -> None:
 # --- HF teachers from directories ---------------------------------------------------------------
 def test_load_teacher_from_ctc_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(**_SIZES, **_CONV, vocab_size=12)).eval()
+    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(**_SIZES, **TINY_CONV, vocab_size=12)).eval()
     ctc.save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path)
     loaded = load_hf_teacher(str(tmp_path))
@@ -441,7 +404,7 @@ def test_load_teacher_whisper_and_family_default_extractors(tmp_path: Path) -> N
             num_mel_bins=16,
             max_source_positions=64,
             max_target_positions=16,
-            **_WHISPER_TOKENS,
+            **TINY_WHISPER_TOKENS,
         )  # fmt: skip
     ).eval()
     whisper.save_pretrained(tmp_path / "whisper")

@@ -10,75 +10,28 @@ import pytest
 import soundfile as sf
 import torch
 from transformers import (
-    Data2VecAudioConfig,
-    Data2VecAudioModel,
-    HubertConfig,
-    HubertModel,
     SeamlessM4TFeatureExtractor,
-    Wav2Vec2BertConfig,
-    Wav2Vec2BertModel,
-    Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
-    Wav2Vec2Model,
-    WavLMConfig,
-    WavLMModel,
-    WhisperConfig,
     WhisperFeatureExtractor,
-    WhisperModel,
 )
 
 from colld.cli import main
+from colld.testing import tiny_model
 from colld.train.checkpoint import list_checkpoints
-
-CONV = dict(
-    conv_dim=(16, 16),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-)
-SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
 
 
 def _tiny_teacher(family: str, out: Path) -> Path:
     """Save a tiny random teacher of ``family`` (with its feature extractor) to ``out``."""
-    torch.manual_seed(0)
+    sizes = dict(num_layers=4, hidden=32, heads=4, ffn=64)
     if family == "whisper":
-        config = WhisperConfig(
-            d_model=32,
-            encoder_layers=4,
-            encoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_layers=1,
-            decoder_attention_heads=4,
-            decoder_ffn_dim=64,
-            num_mel_bins=80,
-            vocab_size=100,
-            max_source_positions=1500,
-            max_target_positions=32,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=3,
-        )
-        model, fe = WhisperModel(config), WhisperFeatureExtractor(feature_size=80)
+        model = tiny_model(family, **sizes, whisper_decoder=True)
+        fe = WhisperFeatureExtractor(feature_size=80)
     elif family == "wav2vec2-bert":
-        config = Wav2Vec2BertConfig(
-            **SMALL,
-            feature_projection_input_dim=160,
-            conv_depthwise_kernel_size=3,
-            add_adapter=False,
-        )
-        model, fe = Wav2Vec2BertModel(config), SeamlessM4TFeatureExtractor()
+        model = tiny_model(family, **sizes, feature_projection_input_dim=160, add_adapter=False)
+        fe = SeamlessM4TFeatureExtractor()
     else:
-        cls = {
-            "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-            "hubert": (HubertConfig, HubertModel),
-            "wavlm": (WavLMConfig, WavLMModel),
-            "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
-        }[family]
         extra = {"num_buckets": 16, "max_bucket_distance": 64} if family == "wavlm" else {}
-        model = cls[1](cls[0](**SMALL, **CONV, **extra))
+        model = tiny_model(family, **sizes, **extra)
         fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     model.save_pretrained(out)
     fe.save_pretrained(out)

@@ -1,0 +1,99 @@
+"""Tiny random models of every family, for colld's tests and for users' own (as lhotse ships
+its test dummies). Nothing here is used by training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    Wav2Vec2BertConfig,
+    Wav2Vec2BertModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+    WhisperConfig,
+    WhisperModel,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+# "wav2vec2-stable" is wav2vec 2.0 with pre-layer-norm (XLS-R / large variants).
+TINY_FAMILIES = (
+    "whisper", "wav2vec2", "wav2vec2-stable", "hubert", "wavlm", "data2vec-audio", "wav2vec2-bert",
+)  # fmt: skip
+# Two convs (kernel 10 stride 5, kernel 3 stride 2) and a small positional conv.
+TINY_CONV: dict[str, Any] = dict(
+    conv_dim=(16, 16),
+    conv_kernel=(10, 3),
+    conv_stride=(5, 2),
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+)
+# Token ids inside a tiny Whisper vocabulary (only the decoder uses them).
+TINY_WHISPER_TOKENS: dict[str, int] = dict(
+    vocab_size=60, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3
+)
+
+
+def tiny_model(
+    family: str,
+    *,
+    num_layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    ffn: int = 256,
+    num_mel_bins: int = 80,
+    max_source_positions: int = 1500,
+    whisper_decoder: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> nn.Module:
+    """A tiny random base model of ``family``: ``WhisperEncoder`` (``WhisperModel`` with
+    ``whisper_decoder``) or the wav2vec2-family base model. ``overrides`` go to the config."""
+    torch.manual_seed(seed)
+    if family == "whisper":
+        config = WhisperConfig(
+            d_model=hidden,
+            encoder_layers=num_layers,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_layers=1,
+            decoder_attention_heads=heads,
+            decoder_ffn_dim=ffn,
+            num_mel_bins=num_mel_bins,
+            max_source_positions=max_source_positions,
+            max_target_positions=32,
+            **{**TINY_WHISPER_TOKENS, **overrides},
+        )
+        return WhisperModel(config) if whisper_decoder else WhisperEncoder(config)
+    sizes = dict(
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+    )
+    if family == "wav2vec2-bert":
+        return Wav2Vec2BertModel(
+            Wav2Vec2BertConfig(**{**sizes, "conv_depthwise_kernel_size": 3, **overrides})
+        )
+    conv = {**TINY_CONV, "num_conv_pos_embeddings": 3} if family == "data2vec-audio" else TINY_CONV
+    kwargs = {**sizes, **conv, **overrides}
+    if family == "wav2vec2-stable":
+        kwargs = {"do_stable_layer_norm": True, "feat_extract_norm": "layer", **kwargs}
+    classes = {
+        "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+        "wav2vec2-stable": (Wav2Vec2Config, Wav2Vec2Model),
+        "hubert": (HubertConfig, HubertModel),
+        "wavlm": (WavLMConfig, WavLMModel),
+        "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
+    }
+    if family not in classes:
+        raise ValueError(f"unknown family {family!r}; expected one of {TINY_FAMILIES}")
+    config_cls, model_cls = classes[family]
+    return model_cls(config_cls(**kwargs))
