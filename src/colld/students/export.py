@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,6 +77,7 @@ def export_student(
     files = _training_only_files(student, extra_files or {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     try:
         student.model.save_pretrained(tmp)
         _write_export_config(student, tmp)
@@ -86,6 +88,8 @@ def export_student(
                 str(tmp / name),
                 metadata={"format": "pt"},
             )
+        for item in tmp.iterdir():
+            os.chmod(item, 0o644)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
