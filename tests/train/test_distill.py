@@ -114,16 +114,17 @@ def test_distill_every_family_end_to_end(tmp_path: Path, family: str) -> None:
 
 def test_resume_refuses_changed_config_and_continues(tmp_path: Path) -> None:
     run_dir = _run(tmp_path, "wav2vec2")
-    # The same run again without --resume: refused, nothing overwritten.
-    assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6")) == 2
-    # --resume with a changed objective: refused.
+    # A changed objective: refused (with or without --resume), nothing overwritten.
+    assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6", "objective.tau=0.5")) == 2
     resume = ("--resume",)
     assert (
         main(_args(tmp_path, "wav2vec2", "train.max_steps=6", "objective.tau=0.5", flags=resume))
         == 2
     )
-    # --resume with more steps: continues from step 4.
+    # More steps: continues from step 4 (--resume is implied by an existing checkpoint).
     assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6", flags=resume)) == 0
+    # The same command again: idempotent, nothing trained twice.
+    assert main(_args(tmp_path, "wav2vec2", "train.max_steps=6")) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert list_checkpoints(run_dir)[-1].name == "step_00000006"

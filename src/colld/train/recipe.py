@@ -91,8 +91,10 @@ def warn_slow_cpu_bf16(mixed_precision: str, device: torch.device) -> None:
         return
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        log.warning("train.precision=bf16 on a CPU without native bf16: expect it to be much "
-                    "slower than fp32 (train.precision=fp32 or auto)")
+        log.warning(
+            "train.precision=bf16 on a CPU without native bf16: expect it to be much "
+            "slower than fp32 (train.precision=fp32 or auto)"
+        )
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -190,17 +192,20 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
 
 
 def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """The checkpoint to continue from. A run directory that holds checkpoints is always
+    continued (so rerunning a command is idempotent and a killed run picks up where it
+    stopped), provided the config matches; ``resume`` only makes a missing one worth a warning."""
     latest = latest_checkpoint(run_dir)
-    if not resume:
-        if latest is not None:
-            raise FileExistsError(
-                f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
-                f"continue it, or set train.output_dir to a new folder"
-            )
-        return None
     if latest is None:
-        log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        if resume:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
         return None
+    if not resume:
+        log.info(
+            "%s already holds %s: continuing that run (set train.output_dir to start a new one)",
+            run_dir,
+            latest.name,
+        )
     saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
     changed = _config_differences(saved, to_dict(cfg)) - RESUMABLE_CHANGES
     if changed:
