@@ -74,13 +74,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024) -> f
 def run_config(teacher, batch: Batch, loss: str, precision: str, args, device) -> dict:
     spec = StudentSpec()
     student = build_student(teacher, spec, seed=0).to(device).train()
-    objective = DistillObjective(
-        ObjectiveConfig(loss=loss),
-        student_dim=student.hidden_dim,
-        teacher_dim=teacher.hidden_dim,
-        num_student_layers=student.num_layers,
-        num_teacher_layers=teacher.num_layers,
-    ).to(device)
+    objective = DistillObjective.for_encoders(ObjectiveConfig(loss=loss), student, teacher).to(
+        device
+    )
     params = list(student.parameters()) + list(objective.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = (

@@ -3,26 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
-from colld.config import QUICK_OVERRIDES, ConfigError, load_config
+from colld.config import QUICK_OVERRIDES, ConfigError, RunConfig, load_config
 
 
-def _distill(args: argparse.Namespace) -> int:
-    from colld.train.recipe import distill
-
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The run config of ``distill`` / ``cache-teacher``: --quick, then the flags, then the
+    positional ``a.b=c`` overrides (last wins)."""
     overrides = list(QUICK_OVERRIDES) if args.quick else []
     if args.teacher:
         overrides.append(f"teacher.spec={args.teacher}")
     if args.data:
         overrides.append(f"data.train={args.data}")
-    if args.output:
+    if getattr(args, "output", None):
         overrides.append(f"train.output_dir={args.output}")
-    cfg = load_config(args.config, overrides + list(args.overrides))
+    return load_config(args.config, overrides + list(args.overrides))
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from colld.train.recipe import distill
+
+    cfg = _run_config(args)
     student_dir = distill(cfg, resume=args.resume)
     print(f"student written to {student_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from colld.eval.evaluate import (
+        ALL_TASKS,
+        QUICK_EVAL,
+        EvalSettings,
+        evaluate_model,
+        result_path,
+    )
+    from colld.eval.report import headline_table, load_comparison
+
+    tasks = tuple(args.tasks.split(",")) if args.tasks else ALL_TASKS
+    unknown = sorted(set(tasks) - set(ALL_TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; expected some of {', '.join(ALL_TASKS)}")
+    settings = EvalSettings(
+        corpus_dir=args.corpus,
+        tasks=tasks,
+        seeds=tuple(range(args.seeds)),
+        mimicry=not args.no_mimicry,
+        efficiency=not args.no_efficiency,
+        device=args.device,
+    )
+    if args.quick:
+        settings = dataclasses.replace(settings, **QUICK_EVAL)
+    paths = []
+    for spec in args.models:
+        evaluate_model(spec, settings, args.out, reuse=not args.force)
+        paths.append(result_path(args.out, spec))
+        print(f"{spec}: {paths[-1]}")
+    print(headline_table(load_comparison(paths)))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from colld.eval.report import headline_table, load_comparison, write_report
+
+    comparison = load_comparison(args.results, teacher=args.teacher, margin=args.margin)
+    report = write_report(comparison, args.out)
+    print(f"report written to {report}\n\n{headline_table(comparison)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from colld.demo import run_demo
+
+    run_demo(
+        quick=args.quick, config=args.config, overrides=tuple(args.overrides), output=args.output
+    )
     return 0
 
 
@@ -44,6 +102,15 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from colld.train.teacher_cache import build_cache
+
+    cfg = _run_config(args)
+    summary = build_cache(cfg, args.out)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colld", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -59,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides like objective.tau=0.05")
     p.set_defaults(func=_distill)
 
+    p = sub.add_parser("evaluate", help="probe, mimicry and efficiency evaluation of models")
+    p.add_argument("models", nargs="+", help="fbank, a teacher spec, or a student directory")
+    p.add_argument("--corpus", default="data/corpus", help="corpus with probe-* manifests")
+    p.add_argument("--out", default="runs/eval", help="folder for the result JSON files")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of lid,sid,pr,char")
+    p.add_argument("--seeds", type=int, default=3, help="probe seeds (mean and spread)")
+    p.add_argument("--no-mimicry", action="store_true", help="skip cosine / CKA vs the teacher")
+    p.add_argument("--no-efficiency", action="store_true", help="skip speed and memory")
+    p.add_argument("--device", default="cpu", help="device for feature extraction")
+    p.add_argument("--force", action="store_true", help="recompute even if a result is current")
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 probe epochs (smoke test)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("compare", help="gather evaluation results into a report with plots")
+    p.add_argument("results", nargs="+", help="result JSON files from colld evaluate")
+    p.add_argument("--out", default="runs/report", help="report folder")
+    p.add_argument("--teacher", default=None, help="reference teacher (default: the students')")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.02,
+        help="flag tasks where teacher and fbank differ by less (higher-is-better scale)",
+    )
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("demo", help="corpus -> distil -> evaluate -> report, in one command")
+    p.add_argument("--quick", action="store_true", help="a few-minute variant (CI runs it)")
+    p.add_argument("--config", help="YAML file of distillation config overrides")
+    p.add_argument("--output", help="demo folder (default runs/demo, runs/demo-quick)")
+    p.add_argument("overrides", nargs="*", help="distillation config overrides like a.b=c")
+    p.set_defaults(func=_demo)
+
     data = sub.add_parser("data", help="corpus tools").add_subparsers(
         dest="data_cmd", required=True
     )
@@ -73,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="manifest path (default: DIR/manifest.jsonl)")
     p.add_argument("--verify", action="store_true", help="decode every file (slow, thorough)")
     p.set_defaults(func=_scan)
+
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once over the training data and store its targets (fp16) for "
+        "distill data.target_cache=DIR; reruns complete a partial cache",
+    )
+    p.add_argument("--config", help="YAML file of config overrides (the same as for distill)")
+    p.add_argument("--out", help="cache directory (default: data.target_cache)")
+    p.add_argument("--teacher", help="teacher spec (default: embedded whisper-base)")
+    p.add_argument("--data", help="training data: manifest, CutSet, audio directory, HF dataset")
+    p.add_argument("--quick", action="store_true", help="the data and sizes of distill --quick")
+    p.add_argument("overrides", nargs="*", help="config overrides like data.max_duration=10")
+    p.set_defaults(func=_cache_teacher)
     return parser
 
 

@@ -57,6 +57,12 @@ class DataConfig:
     """DataLoader worker processes (front ends are computed in them)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Waveform augmentation applied before teacher and student see the audio."""
+    target_cache: str | None = None
+    """A teacher-target cache directory (``colld cache-teacher``): training reads the teacher's
+    targets from it instead of running the teacher, on the cache's fixed segments (utterances
+    cut into ``max_duration`` pieces, used whole: no random crops). A cache built for another
+    teacher, layers, front end, ``max_duration`` or data is refused, as is a partial one.
+    Needs augmentation off. None = run the teacher online."""
 
 
 @dataclass(kw_only=True)
@@ -314,6 +320,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.batch_seconds ({d.batch_seconds}) must be at least data.max_duration "
             f"({d.max_duration}) so that one cropped utterance fits a batch"
+        )
+    if d.target_cache is not None and not d.target_cache.strip():
+        raise ConfigError("data.target_cache must name a directory or be null, found ''")
+    if d.target_cache is not None and d.augment.enabled:
+        raise ConfigError(
+            "data.target_cache and data.augment.enabled cannot be combined: the cache holds the "
+            "teacher's targets for un-augmented segments, while augmented audio changes every "
+            "epoch; turn one of them off"
         )
     if t.warmup_steps >= t.max_steps and t.schedule != "constant_with_warmup":
         raise ConfigError(

@@ -3,8 +3,12 @@ its test dummies). Nothing here is used by training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile as sf
 import torch
 from torch import nn
 from transformers import (
@@ -12,13 +16,16 @@ from transformers import (
     Data2VecAudioModel,
     HubertConfig,
     HubertModel,
+    SeamlessM4TFeatureExtractor,
     Wav2Vec2BertConfig,
     Wav2Vec2BertModel,
     Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
     Wav2Vec2Model,
     WavLMConfig,
     WavLMModel,
     WhisperConfig,
+    WhisperFeatureExtractor,
     WhisperModel,
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -97,3 +104,65 @@ def tiny_model(
         raise ValueError(f"unknown family {family!r}; expected one of {TINY_FAMILIES}")
     config_cls, model_cls = classes[family]
     return model_cls(config_cls(**kwargs))
+
+
+# A distillation run of a few seconds on a tiny teacher (append train.max_steps=N).
+TINY_RUN_OVERRIDES: tuple[str, ...] = (
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.ckpt_every=2",
+    "train.eval_every=0",
+    "data.batch_seconds=6",
+    "data.max_duration=3",
+    "data.num_workers=0",
+    "student.num_layers=2",
+    "student.hidden_dim=16",
+    "student.num_heads=2",
+    "student.ffn_dim=32",
+    "objective.num_negatives=5",
+    "objective.mask_span=2",
+)
+
+
+def tiny_teacher_dir(family: str, out: Path, *, seed: int = 0, **sizes: Any) -> Path:
+    """Save a tiny random teacher of ``family`` with its feature extractor to ``out`` (a
+    directory ``colld distill --teacher`` accepts). Whisper teachers include a decoder."""
+    sizes = {"num_layers": 4, "hidden": 32, "heads": 4, "ffn": 64, **sizes}
+    if family == "whisper":
+        model = tiny_model(family, **sizes, whisper_decoder=True, seed=seed)
+        fe: Any = WhisperFeatureExtractor(feature_size=80)
+    elif family == "wav2vec2-bert":
+        model = tiny_model(
+            family, **sizes, feature_projection_input_dim=160, add_adapter=False, seed=seed
+        )
+        fe = SeamlessM4TFeatureExtractor()
+    else:
+        extra = {"num_buckets": 16, "max_bucket_distance": 64} if family == "wavlm" else {}
+        model = tiny_model(family, **sizes, **extra, seed=seed)
+        fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    model.save_pretrained(out)
+    fe.save_pretrained(out)
+    return out
+
+
+def harmonic_tone(
+    seconds: float, rng: np.random.Generator, *, f0: float | None = None, sample_rate: int = 16000
+) -> np.ndarray:
+    """A noisy harmonic tone with a wobbling pitch (every frame differs). Shape: (S,) float32."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    base = rng.uniform(100, 300) if f0 is None else f0
+    pitch = base * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 6)) + 0.05 * rng.standard_normal(t.size)
+    return (0.3 * wave).astype(np.float32)
+
+
+def write_tones(
+    out: Path, durations: Sequence[float], *, prefix: str = "utt", seed: int = 0
+) -> Path:
+    """Write ``{prefix}{i}.wav`` tones of the given durations (16 kHz) into a new ``out``."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    for i, seconds in enumerate(durations):
+        sf.write(out / f"{prefix}{i}.wav", harmonic_tone(seconds, rng), 16000)
+    return out

@@ -7,73 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from transformers import (
-    SeamlessM4TFeatureExtractor,
-    Wav2Vec2FeatureExtractor,
-    WhisperFeatureExtractor,
-)
 
 from colld.cli import main
-from colld.testing import tiny_model
+from colld.testing import TINY_RUN_OVERRIDES, tiny_teacher_dir, write_tones
 from colld.train.checkpoint import list_checkpoints
-
-
-def _tiny_teacher(family: str, out: Path) -> Path:
-    """Save a tiny random teacher of ``family`` (with its feature extractor) to ``out``."""
-    sizes = dict(num_layers=4, hidden=32, heads=4, ffn=64)
-    if family == "whisper":
-        model = tiny_model(family, **sizes, whisper_decoder=True)
-        fe = WhisperFeatureExtractor(feature_size=80)
-    elif family == "wav2vec2-bert":
-        model = tiny_model(family, **sizes, feature_projection_input_dim=160, add_adapter=False)
-        fe = SeamlessM4TFeatureExtractor()
-    else:
-        extra = {"num_buckets": 16, "max_bucket_distance": 64} if family == "wavlm" else {}
-        model = tiny_model(family, **sizes, **extra)
-        fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
-    model.save_pretrained(out)
-    fe.save_pretrained(out)
-    return out
 
 
 def _audio_dir(out: Path, num: int = 12) -> Path:
     """Noisy harmonic tones of 0.6-2.5 s at 16 kHz (enough structure for a few steps)."""
-    rng = np.random.default_rng(0)
-    out.mkdir(parents=True)
-    for i in range(num):
-        seconds = rng.uniform(0.6, 2.5)
-        t = np.arange(int(seconds * 16000)) / 16000
-        f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
-        phase = 2 * np.pi * np.cumsum(f0) / 16000
-        wave = sum(np.sin(k * phase) / k for k in range(1, 6)) + 0.05 * rng.standard_normal(t.size)
-        sf.write(out / f"utt{i:02d}.wav", (0.3 * wave).astype(np.float32), 16000)
-    return out
-
-
-TINY_RUN = (
-    "train.warmup_steps=1",
-    "train.log_every=1",
-    "train.ckpt_every=2",
-    "train.eval_every=0",
-    "data.batch_seconds=6",
-    "data.max_duration=3",
-    "data.num_workers=0",
-    "student.num_layers=2",
-    "student.hidden_dim=16",
-    "student.num_heads=2",
-    "student.ffn_dim=32",
-    "objective.num_negatives=5",
-    "objective.mask_span=2",
-)
+    return write_tones(out, np.random.default_rng(0).uniform(0.6, 2.5, size=num).tolist())
 
 
 def _args(tmp_path: Path, family: str, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
     """CLI arguments of a tiny run of ``family`` (teacher and audio made on first use)."""
     teacher = tmp_path / f"teacher-{family}"
     if not teacher.exists():
-        _tiny_teacher(family, teacher)
+        tiny_teacher_dir(family, teacher)
     data = tmp_path / "audio"
     if not data.exists():
         _audio_dir(data)
@@ -84,7 +34,7 @@ def _args(tmp_path: Path, family: str, *extra: str, flags: tuple[str, ...] = ())
         *paths,
         "--output",
         str(tmp_path / f"run-{family}"),
-        *TINY_RUN,
+        *TINY_RUN_OVERRIDES,
         *extra,
     ]
 

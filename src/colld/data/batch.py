@@ -1,6 +1,7 @@
 """A collated batch and the one home for padding (light: torch and numpy only).
 
-Shape legend: B batch, S samples, F front-end frames, C feature channels.
+Shape legend: B batch, S samples, F front-end frames, C feature channels, T encoder frames,
+D_t teacher width.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Batch:
         unreadable, truncated, non_finite, too_short) for counting.
     epoch, batch_index: where the batch sits in the sampler's order; pass them to
         ``DurationBucketSampler.note_consumed`` after the step so a resume continues here.
+    targets: teacher layer -> cached teacher targets, zero-padded, float16, or None when the
+        teacher runs online. Shape: (B, T, D_t).
+    target_lengths: valid target frames per row (None without ``targets``). Shape: (B,), int64.
     """
 
     ids: list[str]
@@ -37,6 +41,8 @@ class Batch:
     skip_reasons: dict[str, str] = field(default_factory=dict)
     epoch: int = 0
     batch_index: int = 0
+    targets: dict[int, Tensor] | None = None
+    target_lengths: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -65,6 +71,12 @@ class Batch:
             skip_reasons=self.skip_reasons,
             epoch=self.epoch,
             batch_index=self.batch_index,
+            targets=None
+            if self.targets is None
+            else {j: t.to(device, non_blocking=non_blocking) for j, t in self.targets.items()},
+            target_lengths=None
+            if self.target_lengths is None
+            else self.target_lengths.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -72,6 +84,9 @@ class Batch:
         self.features = self.features.pin_memory()
         self.feature_lengths = self.feature_lengths.pin_memory()
         self.durations = self.durations.pin_memory()
+        if self.targets is not None:
+            self.targets = {j: t.pin_memory() for j, t in self.targets.items()}
+            self.target_lengths = self.target_lengths.pin_memory()
         return self
 
 
@@ -89,6 +104,28 @@ def pad_features(
         empty_shape = (0, 0) if feature_dim is None else (0, 0, feature_dim)
         return torch.zeros(empty_shape, dtype=torch.float32), lengths
     return pad_sequence(list(features), batch_first=True, padding_value=0.0), lengths
+
+
+def pad_targets(
+    targets: Sequence[dict[int, np.ndarray]], layers: Sequence[int]
+) -> tuple[dict[int, Tensor], Tensor]:
+    """Zero-pad per-clip cached targets along time, per layer.
+
+    targets: B dicts, layer -> array Shape: (T_i, D_t) (float16 from the cache).
+    Returns (layer -> Shape: (B, max T_i, D_t) in the arrays' dtype, lengths (B,) int64).
+    """
+    lengths = torch.tensor(
+        [row[layers[0]].shape[0] for row in targets] if layers else [], dtype=torch.int64
+    )
+    padded = {}
+    for layer in layers:
+        if not targets:
+            padded[layer] = torch.zeros((0, 0, 0), dtype=torch.float16)
+            continue
+        padded[layer] = pad_sequence(
+            [torch.from_numpy(row[layer]) for row in targets], batch_first=True, padding_value=0.0
+        )
+    return padded, lengths
 
 
 def collate_waveforms(waveforms: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:

@@ -6,8 +6,13 @@ worker processes (``batch_size=None``). Teacher and student consume the same ``B
 they see exactly the same (augmented) audio.
 
 Per utterance: ``load_audio`` (only the cropped segment is decoded when the manifest says the
-file is longer than ``max_duration``) -> random crop to ``max_duration`` seeded by (seed,
-epoch, utterance id) -> augmentation seeded the same way -> front end -> padding.
+file is longer than ``max_duration``; a row with ``offset`` > 0 is read from that region only)
+-> random crop to ``max_duration`` seeded by (seed, epoch, utterance id) -> augmentation
+seeded the same way -> front end -> padding.
+
+With a teacher-target cache (``targets``) the rows are the cache's fixed segments: each is
+read exactly (no crop, no augmentation), checked against the cache's sample count, and the
+batch carries the cached targets (``Batch.targets``), padded like the features.
 A file that cannot be used is skipped: one warning line per file and process, and its id and
 reason in ``Batch.skipped`` / ``Batch.skip_reasons`` for the run summary.
 
@@ -30,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from colld.audio import SAMPLE_RATE, AudioError, FrontEnd, audio_duration, load_audio
 from colld.data.augment import AugmentConfig, Augmenter, clip_seed
-from colld.data.batch import Batch, pad_features
+from colld.data.batch import Batch, pad_features, pad_targets
 from colld.data.manifest import Utterance
 from colld.data.sampler import DurationBucketSampler, SampledBatch
+from colld.data.target_cache import TargetCache
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ class DistillDataset(Dataset):
     max_duration: crop longer clips to a random segment of this many seconds; None = never.
     seed: seeds the crops, per (seed, epoch, utterance id).
     augment: waveform augmentation (``Augmenter`` or its config); None or disabled = off.
+    targets: a teacher-target cache whose segments the requests hold (see module doc);
+        needs ``max_duration`` None and no augmentation.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class DistillDataset(Dataset):
         max_duration: float | None,
         seed: int = 0,
         augment: Augmenter | AugmentConfig | None = None,
+        targets: TargetCache | None = None,
     ) -> None:
         self.root = Path(root)
         self.frontend = frontend
@@ -65,6 +74,13 @@ class DistillDataset(Dataset):
         if isinstance(augment, AugmentConfig):
             augment = Augmenter(augment, frontend.sample_rate)
         self.augmenter = augment if augment is not None and augment.enabled else None
+        self.targets = targets
+        if targets is not None and (self.augmenter is not None or max_duration is not None):
+            raise ValueError(
+                "cached teacher targets need whole segments: max_duration=None and no "
+                f"augmentation (found max_duration={max_duration}, augmentation "
+                f"{'on' if self.augmenter is not None else 'off'})"
+            )
         self._warned: set[str] = set()
 
     @property
@@ -81,20 +97,29 @@ class DistillDataset(Dataset):
             epoch, index, utterances = 0, 0, list(request)
         ids: list[str] = []
         features: list[Tensor] = []
+        targets: list[dict[int, np.ndarray]] = []
         durations: list[float] = []
         skip_reasons: dict[str, str] = {}
         for utt in utterances:
             try:
-                waveform = self.prepare_waveform(utt, epoch)
+                if self.targets is None:
+                    waveform = self.prepare_waveform(utt, epoch)
+                else:
+                    waveform = self.prepare_segment(utt)
                 features.append(self.frontend(waveform))
             except (AudioError, OSError) as err:
                 reason = getattr(err, "reason", "unreadable")
                 skip_reasons[utt.id] = reason
                 self._warn_once(utt, reason, err)
                 continue
+            if self.targets is not None:
+                targets.append(self.targets.read(utt.id))
             ids.append(utt.id)
             durations.append(waveform.shape[0] / self.frontend.sample_rate)
         padded, lengths = pad_features(features, getattr(self.frontend, "feature_dim", None))
+        batch_targets, target_lengths = None, None
+        if self.targets is not None:
+            batch_targets, target_lengths = pad_targets(targets, self.targets.layers)
         return Batch(
             ids=ids,
             features=padded,
@@ -104,7 +129,28 @@ class DistillDataset(Dataset):
             skip_reasons=skip_reasons,
             epoch=epoch,
             batch_index=index,
+            targets=batch_targets,
+            target_lengths=target_lengths,
         )
+
+    def prepare_segment(self, utt: Utterance) -> np.ndarray:
+        """Read one cached segment exactly as the cache build read it. Shape: (S,) float32.
+
+        Raises ValueError when the audio no longer has the sample count the cache recorded
+        (the targets would belong to other audio).
+        """
+        path = utt.resolved_path(self.root)
+        waveform = load_audio(
+            path, self.frontend.sample_rate, offset_s=utt.offset, duration_s=utt.duration
+        )
+        expected = self.targets.row(utt.id)["num_samples"]
+        if waveform.shape[0] != expected:
+            raise ValueError(
+                f"segment '{utt.id}' of {path} now reads as {waveform.shape[0]} samples but the "
+                f"teacher-target cache {self.targets.directory} was built from {expected}: the "
+                "audio changed; rebuild the cache"
+            )
+        return waveform
 
     def prepare_waveform(self, utt: Utterance, epoch: int) -> np.ndarray:
         """Load, crop and augment one clip. Shape: (S,) float32, S <= max_samples.
@@ -115,7 +161,7 @@ class DistillDataset(Dataset):
         path = utt.resolved_path(self.root)
         rate = self.frontend.sample_rate
         rng = np.random.default_rng(clip_seed(self.seed, epoch, utt.id, "crop"))
-        waveform = self._load_cropped(path, utt.duration, rng)
+        waveform = self._load_cropped(utt, path, rng)
         max_samples = self.max_samples
         if max_samples is not None and waveform.shape[0] > max_samples:
             # The manifest under-stated the duration: crop in memory instead.
@@ -134,15 +180,17 @@ class DistillDataset(Dataset):
             )
         return waveform
 
-    def _load_cropped(self, path: Path, duration: float, rng: np.random.Generator) -> np.ndarray:
-        rate = self.frontend.sample_rate
+    def _load_cropped(self, utt: Utterance, path: Path, rng: np.random.Generator) -> np.ndarray:
+        rate, duration = self.frontend.sample_rate, utt.duration
         if self.max_duration is None or duration <= self.max_duration:
+            if utt.offset > 0:  # a region of the file: exactly that
+                return load_audio(path, rate, offset_s=utt.offset, duration_s=duration)
             return load_audio(path, rate)
-        offset_s = float(rng.uniform(0.0, duration - self.max_duration))
+        offset_s = utt.offset + float(rng.uniform(0.0, duration - self.max_duration))
         try:
             return load_audio(path, rate, offset_s=offset_s, duration_s=self.max_duration)
         except AudioError as err:
-            if err.reason != "empty":
+            if err.reason != "empty" or utt.offset > 0:
                 raise
             # The file is shorter than the manifest says: read it whole, crop in memory.
             return load_audio(path, rate)
@@ -263,13 +311,16 @@ def make_loader(
     prefetch_factor: int = 2,
     pin_memory: bool = False,
     check_files: bool = True,
+    targets: TargetCache | None = None,
 ) -> tuple[DataLoader, DurationBucketSampler]:
     """DataLoader of ``Batch`` over ``utterances`` and its (resumable) sampler.
 
     The loader is endless unless ``num_epochs`` is given; each ``Batch`` carries its epoch and
     index. Resume: ``sampler.load_state_dict(saved)`` before the first ``iter(loader)``; save
     ``sampler.state_dict()`` after calling ``sampler.note_consumed(b.epoch, b.batch_index)``
-    for each trained batch ``b``. ``check_files`` runs ``check_usable`` first.
+    for each trained batch ``b``. ``check_files`` runs ``check_usable`` first. ``targets``:
+    the utterances are that teacher-target cache's segments (``TargetCache.segment_utterances``)
+    and batches carry their cached targets; ``max_duration`` must then be None.
     """
     augmenter = _resolve_augment(augment, frontend)
     if augmenter is not None:
@@ -298,7 +349,7 @@ def make_loader(
         num_epochs=num_epochs,
     )
     dataset = DistillDataset(
-        root, frontend, max_duration=max_duration, seed=seed, augment=augmenter
+        root, frontend, max_duration=max_duration, seed=seed, augment=augmenter, targets=targets
     )
     loader_kwargs: dict[str, Any] = {}
     if num_workers > 0:

@@ -6,13 +6,18 @@ Row fields (JSON types):
     voice (str), text (str), text_en (str | null: English reference for parallel sentences),
     phonemes (str | null: IPA phonemes from espeak-ng, space-separated),
     split (str: "train", "dev", "probe-train", "probe-dev", "probe-test"),
-    sentence_id (str | null: the same id across languages for a parallel sentence).
+    sentence_id (str | null: the same id across languages for a parallel sentence),
+    offset (float >= 0, optional, default 0: seconds into the file where the utterance starts).
+A row with ``offset`` > 0 is the region [offset, offset + duration) of its file; a row at
+offset 0 is the file from its start (readers tolerate a duration that under-states the file).
+The field is written only when it is not 0, so whole-file manifests stay as they were.
 Readers for foreign layouts (TSV, lhotse, HF datasets) live in ``colld.data.readers``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -35,6 +40,7 @@ class Utterance:
     phonemes: str | None = None
     split: str | None = None
     sentence_id: str | None = None
+    offset: float = 0.0
 
     def resolved_path(self, root: Path) -> Path:
         path = Path(self.path)
@@ -63,8 +69,18 @@ def row_to_utterance(row: object, where: str) -> Utterance:
             raise ManifestError(
                 f"{where}: field '{key}' should be a string or null, found {type(value).__name__}"
             )
+    offset = row.get("offset", 0.0)
+    if offset is None:
+        offset = 0.0
+    number = isinstance(offset, int | float) and not isinstance(offset, bool)
+    if not number or not math.isfinite(offset) or offset < 0:
+        raise ManifestError(
+            f"{where}: field 'offset' should be a number of seconds >= 0, found {offset!r}"
+        )
     known = {f.name for f in fields(Utterance)}
-    return Utterance(**{k: v for k, v in row.items() if k in known})
+    values = {k: v for k, v in row.items() if k in known}
+    values["offset"] = float(offset)
+    return Utterance(**values)
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -108,7 +124,10 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
 
 def iter_rows(utterances: Iterable[Utterance]) -> Iterator[str]:
     for utt in utterances:
-        yield json.dumps(asdict(utt), ensure_ascii=False)
+        row = asdict(utt)
+        if not row["offset"]:
+            del row["offset"]  # whole-file rows keep the original layout
+        yield json.dumps(row, ensure_ascii=False)
 
 
 def write_manifest(utterances: Iterable[Utterance], path: str | Path) -> Path:

@@ -83,6 +83,7 @@ from colld.data.voices import (
     synthesize,
     tokenize_ipa,
 )
+from colld.fsutil import write_json_atomic
 
 if TYPE_CHECKING:
     from lhotse import CutSet
@@ -690,7 +691,7 @@ def synthesize_corpus(cfg: SynthConfig) -> CorpusInfo:
         write_manifest(split_rows, manifest_path(out_dir, split))
         _write_lhotse(split_rows, lhotse_path(out_dir, split))
     info = _corpus_info(cfg, plan, rows, results, version, recipe, wall_seconds, num_workers)
-    _write_json_atomic(out_dir / CORPUS_INFO_FILE, asdict(info))
+    write_json_atomic(out_dir / CORPUS_INFO_FILE, asdict(info))
     logger.info(
         "corpus %s: %.2f h, %d utterances, %d failed; %.0f audio s per wall s",
         out_dir,
@@ -737,7 +738,7 @@ def _claim_out_dir(out_dir: Path, recipe: dict[str, Any]) -> None:
                 "use another out_dir or delete this one"
             )
     else:
-        _write_json_atomic(recipe_path, recipe)
+        write_json_atomic(recipe_path, recipe)
     (out_dir / CORPUS_INFO_FILE).unlink(missing_ok=True)
     for stale in (out_dir / "audio").glob(f"*/.*{_PARTIAL}.*"):
         stale.unlink()
@@ -877,9 +878,3 @@ def _corpus_info(
             "num_workers": num_workers,
         },
     )
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: SUPERB-style probes, teacher mimicry, efficiency, reports."""

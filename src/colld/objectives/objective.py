@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from colld.encoders.base import EncoderOutput
+from colld.encoders.base import EncoderOutput, SpeechEncoder
 from colld.objectives.heads import PredictionHeads
 from colld.objectives.layer_map import LAYER_MAP_MODES, pair_name, resolve_layer_map
 from colld.objectives.losses import PairLoss, contrastive_losses, l1cos_loss, mse_loss
@@ -217,6 +217,19 @@ class DistillObjective(nn.Module):
             config.target,
             config.target_norm,
             config.mask,
+        )
+
+    @classmethod
+    def for_encoders(
+        cls, config: ObjectiveConfig, student: SpeechEncoder, teacher: SpeechEncoder
+    ) -> DistillObjective:
+        """The objective between ``student`` and ``teacher`` (widths and depths read off them)."""
+        return cls(
+            config,
+            student_dim=student.hidden_dim,
+            teacher_dim=teacher.hidden_dim,
+            num_student_layers=student.num_layers,
+            num_teacher_layers=teacher.num_layers,
         )
 
     @property

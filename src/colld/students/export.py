@@ -13,6 +13,9 @@ or absent):
                                      (distillation heads) plus the wrapper's own training-only
                                      parameters under "encoder." (Whisper's mask embedding).
     <name>.safetensors               any other ``extra_files`` entry.
+    colld.json                       provenance (``metadata``): teacher spec and fingerprint,
+                                     the objective's settings and layer pairs, the run config;
+                                     read back by ``read_provenance``.
 
 For wav2vec 2.0-family students the exported config gets the teacher's SpecAugment values back
 (``mask_time_prob``, ``mask_feature_prob``; see ``colld.students.build``); ``masked_spec_embed``
@@ -57,6 +60,7 @@ from colld.teachers.hf import weight_files_fingerprint
 logger = logging.getLogger(__name__)
 
 DISTILL_HEADS_FILE = "distill_heads.safetensors"
+PROVENANCE_FILE = "colld.json"
 ENCODER_PREFIX = "encoder."
 _RESERVED_FILES = {"model.safetensors", "config.json", "preprocessor_config.json"}
 
@@ -67,10 +71,12 @@ def export_student(
     out_dir: str | Path,
     *,
     extra_files: dict[str, dict[str, Tensor]] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``student`` as a Hugging Face model directory (see the module docstring).
 
     extra_files: file name (ending in .safetensors) -> tensors, written beside the model.
+    metadata: JSON-ready provenance written as ``colld.json``.
     An existing ``out_dir`` is replaced. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -88,6 +94,9 @@ def export_student(
                 str(tmp / name),
                 metadata={"format": "pt"},
             )
+        if metadata is not None:
+            text = json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
+            (tmp / PROVENANCE_FILE).write_text(text + "\n", encoding="utf-8")
         for item in tmp.iterdir():
             os.chmod(item, 0o644)
         _replace_dir(tmp, out_dir)
@@ -134,6 +143,20 @@ def load_student(path: str | Path) -> LoadedModel:
         source=str(path),
         fingerprint=weight_files_fingerprint(path),
     )
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """``colld.json`` of an exported student (None when the directory has none)."""
+    file = Path(path) / PROVENANCE_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def wrapper_only_parameters(student: SpeechEncoder) -> dict[str, Tensor]:

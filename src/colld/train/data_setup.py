@@ -20,6 +20,7 @@ from colld.data.batch import Batch
 from colld.data.dataset import make_loader
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.sampler import DurationBucketSampler
+from colld.data.target_cache import TargetCache
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,11 @@ class BatchStream:
         self._iter = None
 
 
-def resolve_sources(
-    cfg: DataConfig, seed: int
-) -> tuple[tuple[list[Utterance], Path], tuple[list[Utterance], Path] | None]:
+# (train utterances, root) and optionally (dev utterances, root)
+Sources = tuple[tuple[list[Utterance], Path], tuple[list[Utterance], Path] | None]
+
+
+def resolve_sources(cfg: DataConfig, seed: int) -> Sources:
     """(train utterances, root) and optionally (dev utterances, root).
 
     With no ``data.train`` the embedded corpus is used, synthesised on first use."""
@@ -122,10 +125,18 @@ def build_data(
     feature_extractor: Any,
     seed: int,
     accelerator: Accelerator,
+    *,
+    sources: Sources | None = None,
+    target_cache: TargetCache | None = None,
 ) -> tuple[BatchStream, BatchStream | None]:
-    """Loaders for this process' share of the training data and for the dev data."""
+    """Loaders for this process' share of the training data and for the dev data.
+
+    sources: ``resolve_sources(cfg, seed)`` when already called (None = call it here).
+    target_cache: an opened, verified cache of the training data; training batches are then
+        its segments, whole, with their cached targets. Dev data always runs the teacher.
+    """
     frontend = FrontEnd(feature_extractor)
-    (train_utts, train_root), dev = resolve_sources(cfg, seed)
+    (train_utts, train_root), dev = sources if sources is not None else resolve_sources(cfg, seed)
     common: dict[str, Any] = dict(
         batch_seconds=cfg.batch_seconds,
         max_duration=cfg.max_duration,
@@ -134,20 +145,41 @@ def build_data(
         world_size=accelerator.num_processes,
         pin_memory=accelerator.device.type == "cuda",
     )
-    loader, sampler = make_loader(
-        train_utts,
-        train_root,
-        frontend,
-        num_workers=cfg.num_workers,
-        augment=cfg.augment,
-        **common,
-    )
-    log.info(
-        "training data: %d utterances, %.2f h (%s)",
-        len(train_utts),
-        sum(u.duration for u in train_utts) / 3600,
-        train_root,
-    )
+    if target_cache is None:
+        loader, sampler = make_loader(
+            train_utts,
+            train_root,
+            frontend,
+            num_workers=cfg.num_workers,
+            augment=cfg.augment,
+            **common,
+        )
+        log.info(
+            "training data: %d utterances, %.2f h (%s)",
+            len(train_utts),
+            sum(u.duration for u in train_utts) / 3600,
+            train_root,
+        )
+    else:
+        segments = target_cache.segment_utterances(train_utts)
+        loader, sampler = make_loader(
+            segments,
+            train_root,
+            frontend,
+            num_workers=cfg.num_workers,
+            augment=None,
+            targets=target_cache,
+            **{**common, "max_duration": None},  # segments are used whole
+        )
+        log.info(
+            "training data: %d cached segments of %d utterances, %.2f h (%s); teacher targets "
+            "from %s",
+            len(segments),
+            len(train_utts),
+            sum(u.duration for u in segments) / 3600,
+            train_root,
+            target_cache.directory,
+        )
     dev_stream = None
     if dev is not None:
         dev_utts, dev_root = dev

@@ -11,6 +11,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -18,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from transformers import get_scheduler
 
+from colld import __version__
 from colld.config import RunConfig, dump_config, to_dict
 from colld.encoders.base import SpeechEncoder
 from colld.objectives.objective import DistillObjective, LossOutput
@@ -30,9 +32,10 @@ from colld.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from colld.train.data_setup import BatchStream, build_data
+from colld.train.data_setup import BatchStream, build_data, resolve_sources
 from colld.train.metrics import RunLogger, loss_scalars
 from colld.train.step import Distiller, distill_loss, step_generator
+from colld.train.teacher_cache import open_run_cache
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +140,20 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         revision=cfg.teacher.revision,
     )
     student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed)
-    objective = DistillObjective(
-        cfg.objective,
-        student_dim=student.hidden_dim,
-        teacher_dim=teacher.encoder.hidden_dim,
-        num_student_layers=student.num_layers,
-        num_teacher_layers=teacher.encoder.num_layers,
-    )
+    objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
     _log_sizes(teacher.encoder, student, objective)
-    train, dev = build_data(cfg.data, teacher.feature_extractor, cfg.train.seed, accelerator)
+    sources = resolve_sources(cfg.data, cfg.train.seed)
+    target_cache = None
+    if cfg.data.target_cache is not None:
+        target_cache = open_run_cache(cfg, teacher, objective.teacher_layers, sources[0][0])
+    train, dev = build_data(
+        cfg.data,
+        teacher.feature_extractor,
+        cfg.train.seed,
+        accelerator,
+        sources=sources,
+        target_cache=target_cache,
+    )
     distiller = Distiller(student, objective)
     optimizer = torch.optim.AdamW(param_groups(distiller, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
@@ -400,9 +408,26 @@ def export(run: Run) -> Path:
             run.teacher.feature_extractor,
             out_dir,
             extra_files={"distill_heads.safetensors": heads},
+            metadata=provenance(run, distiller.student, distiller.objective),
         )
     run.accelerator.wait_for_everyone()
     return out_dir
+
+
+def provenance(run: Run, student: SpeechEncoder, objective: DistillObjective) -> dict[str, Any]:
+    """What ``colld.json`` beside an exported student records (see ``export_student``)."""
+    return {
+        "colld_version": __version__,
+        "teacher": {"spec": run.cfg.teacher.spec, "fingerprint": run.teacher.fingerprint},
+        "objective": to_dict(run.cfg.objective),
+        "pairs": [list(pair) for pair in objective.pairs],
+        "student_dim": student.hidden_dim,
+        "num_student_layers": student.num_layers,
+        "teacher_dim": run.teacher.encoder.hidden_dim,
+        "num_teacher_layers": run.teacher.encoder.num_layers,
+        "steps": run.state.step,
+        "config": to_dict(run.cfg),
+    }
 
 
 def distill(cfg: RunConfig, *, resume: bool = False) -> Path:

@@ -64,6 +64,34 @@ def teacher_targets(
     )
 
 
+def cached_targets(
+    teacher: SpeechEncoder, batch: Batch, objective: DistillObjective
+) -> TeacherTargets:
+    """The batch's cached targets in fp32, checked against the frames the encoders produce.
+
+    Raises ValueError when a segment's cached frame count differs from what the teacher (and
+    so the same-family student) makes of its features: the cache belongs to other audio or
+    another front end.
+    """
+    expected = teacher.output_lengths(batch.feature_lengths).to(batch.target_lengths.device)
+    if not torch.equal(expected, batch.target_lengths):
+        bad = [
+            f"{uid}: cached {int(c)} vs {int(e)}"
+            for uid, c, e in zip(batch.ids, batch.target_lengths, expected, strict=True)
+            if int(c) != int(e)
+        ]
+        raise ValueError(
+            "cached teacher targets do not match the encoder frames of their features ("
+            + "; ".join(bad[:5])
+            + "); rebuild the teacher-target cache"
+        )
+    missing = [j for j in objective.teacher_layers if j not in batch.targets]
+    if missing:
+        raise KeyError(f"the cached targets lack teacher layer(s) {missing}")
+    states = {j: batch.targets[j].float() for j in objective.teacher_layers}
+    return TeacherTargets(states=states, lengths=batch.target_lengths)
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator for masks and distractors derived from (seed, step, rank): a resumed run
     draws exactly what the uninterrupted run drew, with no generator state to save."""
@@ -82,8 +110,13 @@ def distill_loss(
     """Teacher targets, the student's mask, and the loss of one batch.
 
     ``distiller`` may be the DDP-wrapped module; ``objective`` is the unwrapped one's objective.
+    A batch with cached targets (``Batch.targets``, from a teacher-target cache) uses them
+    instead of running the teacher.
     """
-    targets = teacher_targets(teacher, batch, objective)
+    if batch.targets is None:
+        targets = teacher_targets(teacher, batch, objective)
+    else:
+        targets = cached_targets(teacher, batch, objective)
     lengths = targets.lengths
     num_frames = next(iter(targets.states.values())).shape[1]
     mask = objective.make_mask(lengths, num_frames, generator)

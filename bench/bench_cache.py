@@ -1,0 +1,155 @@
+"""Teacher-target cache: epoch time of the default recipe with cached targets vs the online
+teacher, the cache's build time and its disk cost per hour of audio, all in one run.
+
+Builds the cache of the default recipe's training data (embedded Whisper base teacher,
+embedded corpus, ``data.max_duration`` 15 s segments, the 6 mapped layers), sets up two runs of
+the default recipe (online teacher, ``data.target_cache``) and times whole optimizer updates
+(``recipe.train_update``: data wait, teacher or cache read, student, loss, backward, AdamW)
+alternating between the two runs update by update, so that load from other processes hits
+both alike. An epoch is not run: its time is the median seconds per update times the batches
+per epoch of each run's sampler (the cached run has slightly more audio per epoch: the tails of
+utterances longer than 15 s are segments of their own instead of being cropped away).
+
+    python bench/bench_cache.py                          # ~5-9 min on 2 CPU cores
+    python bench/bench_cache.py --rounds 4 --cache-dir /tmp/cache --keep   # reuse a cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from colld.config import load_config
+from colld.train.recipe import Run, setup, train_update
+from colld.train.teacher_cache import build_cache
+
+
+def timed_update(run: Run) -> tuple[float, float]:
+    """(seconds, audio seconds) of one optimizer update of ``run``."""
+    audio0, t0 = run.state.audio_seconds, time.perf_counter()
+    train_update(run)
+    run.state.step += 1
+    return time.perf_counter() - t0, run.state.audio_seconds - audio0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=8, help="updates per run, alternating")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed updates per run")
+    parser.add_argument("--cache-dir", help="cache directory (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the cache and run dirs")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
+    base = list(args.overrides)
+    online_cfg = load_config(None, [*base, f"train.output_dir={work / 'online'}"])
+    cached_cfg = load_config(
+        None,
+        [*base, f"train.output_dir={work / 'cached'}", f"data.target_cache={cache_dir}"],
+    )
+    load_start = os.getloadavg()
+    try:
+        summary = build_cache(online_cfg, cache_dir)
+        runs = {
+            "online": setup(online_cfg, resume=False),
+            "cached": setup(cached_cfg, resume=False),
+        }
+        for run in runs.values():
+            for _ in range(args.warmup):
+                timed_update(run)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for index in range(args.rounds):
+            # The k-th batches of both runs are nearly the same clips (same seed and sampler);
+            # alternate which goes first so that drifting load from other processes hits both.
+            order = list(runs) if index % 2 == 0 else list(runs)[::-1]
+            for name in order:
+                times[name].append(timed_update(runs[name]))
+        rows = {name: _row(name, run, times[name], online_cfg) for name, run in runs.items()}
+        paired = [
+            (c_audio / c_s) / (a_audio / a_s)
+            for (a_s, a_audio), (c_s, c_audio) in zip(times["online"], times["cached"], strict=True)
+        ]
+        for run in runs.values():
+            run.logger.close()
+            run.train.close()
+        print_table(rows, summary, paired, args, load_start, os.getloadavg())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            if args.cache_dir is None:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+        else:
+            print(f"kept: {work} and {cache_dir}")
+
+
+def _row(name: str, run: Run, times: list[tuple[float, float]], cfg) -> dict:
+    utterances = run.train.sampler.utterances
+    if name == "online":  # cropped to max_duration
+        epoch_audio = sum(min(u.duration, cfg.data.max_duration) for u in utterances)
+    else:  # segments, whole
+        epoch_audio = sum(u.duration for u in utterances)
+    seconds = [s for s, _ in times]
+    batches = run.train.sampler.num_batches(0)
+    return {
+        "items": len(utterances),
+        "epoch_audio_h": epoch_audio / 3600,
+        "batches": batches,
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "audio_per_s": sum(a for _, a in times) / sum(seconds),
+        "epoch_s": statistics.median(seconds) * batches,
+    }
+
+
+def print_table(rows, summary, paired, args, load_start, load_end) -> None:
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"\n{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.rounds} updates per run after {args.warmup} "
+        f"warm-up, alternating online / cached; 1-min load average {load_start[0]:.2f} at the "
+        f"start, {load_end[0]:.2f} at the end"
+    )
+    print(
+        "| run | items/epoch | audio h/epoch | batches/epoch | median s/update | min s/update "
+        "| audio s/s | s/epoch (median x batches) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['items']} | {r['epoch_audio_h']:.3f} | {r['batches']} | "
+            f"{r['median_s']:.2f} | {r['min_s']:.2f} | {r['audio_per_s']:.1f} | "
+            f"{r['epoch_s']:.0f} |"
+        )
+    online, cached = rows["online"], rows["cached"]
+    print(
+        f"speed-up per epoch (median s/update x batches): {online['epoch_s'] / cached['epoch_s']:.2f}x"
+    )
+    print(
+        f"speed-up in audio s/s: {cached['audio_per_s'] / online['audio_per_s']:.2f}x overall, "
+        f"{statistics.median(paired):.2f}x median of the {len(paired)} adjacent pairs, "
+        f"{online['min_s'] / cached['min_s']:.2f}x fastest update vs fastest update"
+    )
+    print(
+        f"cache: {summary.num_segments} segments, {summary.audio_hours:.3f} h, "
+        f"{summary.num_bytes / 1e6:.0f} MB on disk = {summary.mb_per_hour:.0f} MB per hour of "
+        f"audio; build: {summary.build_seconds:.0f} s for {summary.built} segments"
+        + (" (reused, not built in this run)" if summary.built == 0 else "")
+    )
+    saved = online["epoch_s"] - cached["epoch_s"]
+    if summary.built and saved > 0:
+        print(f"the build pays for itself after {summary.build_seconds / saved:.1f} epochs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The teacher-target cache: segments, exact targets, stale/partial refusal, cached training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+from colld.audio import FrontEnd, load_audio
+from colld.cli import main
+from colld.config import ConfigError, load_config
+from colld.data.dataset import DistillDataset
+from colld.data.manifest import Utterance, read_manifest, write_manifest
+from colld.data.target_cache import (
+    INDEX_FILE,
+    PROGRESS_FILE,
+    PartialCacheError,
+    StaleCacheError,
+    layer_file,
+    open_cache,
+    plan_segments,
+)
+from colld.objectives.objective import DistillObjective
+from colld.students.build import build_student
+from colld.teachers import load_teacher
+from colld.testing import TINY_RUN_OVERRIDES, tiny_teacher_dir, write_tones
+from colld.train import teacher_cache
+from colld.train.data_setup import resolve_sources
+from colld.train.step import Distiller, distill_loss, step_generator
+from colld.train.teacher_cache import build_cache, cache_teacher_layers, open_run_cache
+
+RATE = 16000
+DURATIONS = (0.8, 1.2, 2.0, 2.5, 7.1, 1.5)  # u4 (7.1 s) becomes segments of 3 + 3 + 1.1 s
+
+
+def _teacher(out: Path, seed: int = 0) -> Path:
+    return tiny_teacher_dir("whisper", out, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cache-assets")
+    return {
+        "teacher": _teacher(root / "teacher"),
+        "other_teacher": _teacher(root / "other-teacher", seed=1),
+        "audio": write_tones(root / "audio", DURATIONS, prefix="u"),
+    }
+
+
+def _overrides(assets: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"teacher.spec={assets['teacher']}",
+        f"data.train={assets['audio']}",
+        f"train.output_dir={tmp_path / 'run'}",
+        *TINY_RUN_OVERRIDES,
+        *extra,
+    ]
+
+
+def _config(assets: dict[str, Path], tmp_path: Path, *extra: str):
+    return load_config(None, _overrides(assets, tmp_path, *extra))
+
+
+def _cli(assets, tmp_path: Path, command: str, *extra: str, run: str = "run") -> int:
+    paths = ["--teacher", str(assets["teacher"]), "--data", str(assets["audio"])]
+    if command == "distill":
+        paths += ["--output", str(tmp_path / run)]
+    return main([command, *paths, *TINY_RUN_OVERRIDES, *extra])
+
+
+# ---------------------------------------------------------------- manifests and segments
+def test_utterance_offset_round_trips_through_a_manifest(tmp_path: Path) -> None:
+    rows = [
+        Utterance(id="a", path="a.wav", duration=3.0, offset=12.5, language="de"),
+        Utterance(id="b", path="b.wav", duration=1.0),
+    ]
+    path = write_manifest(rows, tmp_path / "m.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["offset"] == 12.5 and "offset" not in lines[1]  # whole files unchanged
+    assert read_manifest(path) == (rows, [])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"id": "x", "path": "x.wav", "duration": 1.0, "offset": -1}\n'
+        '{"id": "y", "path": "y.wav", "duration": 1.0, "offset": "2"}\n'
+    )
+    utterances, problems = read_manifest(bad)
+    assert utterances == [] and len(problems) == 2
+    assert all("offset" in p for p in problems)
+
+
+def test_a_row_with_an_offset_reads_its_region(assets, tmp_path: Path) -> None:
+    frontend = FrontEnd(WhisperFeatureExtractor(feature_size=80))
+    whole = load_audio(assets["audio"] / "u4.wav")
+    utt = Utterance(id="r", path="u4.wav", duration=2.0, offset=1.5)
+    dataset = DistillDataset(assets["audio"], frontend, max_duration=None)
+    np.testing.assert_array_equal(dataset.prepare_waveform(utt, 0), whole[24000:56000])
+    cropped = DistillDataset(assets["audio"], frontend, max_duration=1.0, seed=3)
+    piece = cropped.prepare_waveform(utt, 0)
+    assert piece.shape == (16000,)
+    starts = [
+        int(i)
+        for i in np.flatnonzero(whole == piece[0])
+        if np.array_equal(whole[i : i + 16000], piece)
+    ]
+    assert len(starts) == 1 and 24000 <= starts[0] <= 40000  # the crop stays in the region
+
+
+def test_long_utterances_become_consecutive_segments() -> None:
+    utt = Utterance(id="long", path="x.wav", duration=7.1, offset=0.5)
+    segments = plan_segments([utt], 3.0, RATE, min_samples=160)
+    assert [s.id for s in segments] == ["long#0", "long#1", "long#2"]
+    assert [s.offset for s in segments] == pytest.approx([0.5, 3.5, 6.5])
+    assert [s.duration for s in segments] == pytest.approx([3.0, 3.0, 1.1])
+    # A remainder shorter than the front end's minimum (160 samples) is dropped.
+    short_tail = Utterance(id="t", path="t.wav", duration=6.005)
+    assert [s.duration for s in plan_segments([short_tail], 3.0, RATE, 160)] == [3.0, 3.0]
+    assert plan_segments([Utterance(id="s", path="s.wav", duration=0.005)], 3.0, RATE, 160) == []
+
+
+# ---------------------------------------------------------------- building
+def test_cached_targets_equal_the_teacher_on_the_same_segment(assets, tmp_path: Path) -> None:
+    cfg = _config(assets, tmp_path)
+    summary = build_cache(cfg, tmp_path / "cache", progress=False)
+    assert summary.num_segments == 8 and summary.num_skipped == 0
+    cache = open_cache(tmp_path / "cache")
+    long_rows = [r for r in cache.rows if r["utterance_id"] == "u4"]
+    assert [(r["offset"], r["num_samples"]) for r in long_rows] == [
+        (0.0, 48000),
+        (3.0, 48000),
+        (6.0, 17600),
+    ]
+    teacher = load_teacher(str(assets["teacher"]))
+    frontend = FrontEnd(teacher.feature_extractor)
+    assert cache.layers == cache_teacher_layers(cfg, teacher) == [2, 4]
+    for row in cache.rows:
+        wave = load_audio(
+            assets["audio"] / row["path"], offset_s=row["offset"], duration_s=row["duration"]
+        )
+        features = frontend(wave)[None]
+        with torch.no_grad():
+            out = teacher.encoder(features, torch.tensor([features.shape[1]]), layers=[2, 4])
+        for layer, cached in cache.read(row["id"]).items():
+            assert cached.dtype == np.float16
+            reference = out.hidden_states[layer][0].numpy()
+            np.testing.assert_allclose(cached.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
+    # Rerunning is a no-op on a complete cache.
+    assert build_cache(cfg, tmp_path / "cache", progress=False).built == 0
+
+
+def test_stale_cache_is_refused_naming_the_key(assets, tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    assert _cli(assets, tmp_path, "cache-teacher", "--out", str(cache)) == 0
+    assert "MB per hour" in capsys.readouterr().out
+    use = f"data.target_cache={cache}"
+    cases = {
+        "teacher_layers": ("objective.layer_map=[1,4]",),
+        "segment_seconds": ("data.max_duration=2",),
+        "target": ("objective.target=ffn",),
+    }
+    for key, extra in cases.items():
+        assert _cli(assets, tmp_path, "distill", use, *extra, run=f"run-{key}") == 2
+        err = capsys.readouterr().err
+        assert key in err and "does not match" in err, err
+    other = ["--teacher", str(assets["other_teacher"]), "--data", str(assets["audio"])]
+    code = main(["distill", *other, "--output", str(tmp_path / "r2"), *TINY_RUN_OVERRIDES, use])
+    assert code == 2 and "teacher_fingerprint" in capsys.readouterr().err
+    # A run that needs a subset of the cached layers may use it; other data may not.
+    cfg = _config(assets, tmp_path, use)
+    teacher = load_teacher(str(assets["teacher"]))
+    (utterances, _), _ = resolve_sources(cfg.data, 0)
+    assert open_run_cache(cfg, teacher, [4], utterances).layers == [2, 4]
+    with pytest.raises(StaleCacheError, match="data: cache vs run: hash="):
+        open_run_cache(cfg, teacher, [2, 4], utterances[:3])
+    # Building into a cache made for another config is refused too.
+    with pytest.raises(StaleCacheError, match="segment_seconds"):
+        build_cache(_config(assets, tmp_path, "data.max_duration=2"), cache, progress=False)
+
+
+def test_partial_cache_is_refused_then_completed(assets, tmp_path: Path, monkeypatch, capsys):
+    cfg = _config(assets, tmp_path)
+    partial, fresh = tmp_path / "partial", tmp_path / "fresh"
+    real = teacher_cache._teacher_chunk
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "_teacher_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, partial, chunk_seconds=3.0, progress=False)
+    monkeypatch.undo()
+    progress = json.loads((partial / PROGRESS_FILE).read_text())
+    assert 0 < progress["segments"] < progress["planned"] == 8
+    # A kill in the middle of the next chunk leaves uncommitted bytes and rows behind.
+    with layer_file(partial, 2).open("ab") as f:
+        f.write(b"\x00" * 100)
+    with (partial / INDEX_FILE).open("a") as f:
+        f.write('{"id": "torn"}\n')
+
+    with pytest.raises(PartialCacheError, match=f"after {progress['segments']} of 8 segments"):
+        open_cache(partial)
+    code = _cli(assets, tmp_path, "distill", f"data.target_cache={partial}")
+    err = capsys.readouterr().err
+    assert code == 2 and "partial" in err and "colld cache-teacher --config" in err, err
+
+    summary = build_cache(cfg, partial, chunk_seconds=3.0, progress=False)
+    assert summary.built == 8 - progress["segments"]
+    build_cache(cfg, fresh, chunk_seconds=3.0, progress=False)
+    completed, rebuilt = open_cache(partial), open_cache(fresh)
+    assert completed.rows == rebuilt.rows
+    for layer in completed.layers:
+        assert layer_file(partial, layer).read_bytes() == layer_file(fresh, layer).read_bytes()
+
+
+# ---------------------------------------------------------------- training
+def test_cached_step_gives_the_online_loss(assets, tmp_path: Path) -> None:
+    cfg = _config(assets, tmp_path)
+    build_cache(cfg, tmp_path / "cache", progress=False)
+    cache = open_cache(tmp_path / "cache")
+    teacher = load_teacher(str(assets["teacher"]))
+    student = build_student(teacher.encoder, cfg.student, seed=0)
+    objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
+    distiller = Distiller(student, objective)
+    frontend = FrontEnd(teacher.feature_extractor)
+    utterances = [
+        Utterance(id=f"u{i}", path=f"u{i}.wav", duration=d) for i, d in enumerate(DURATIONS)
+    ]
+    segments = cache.segment_utterances(utterances)
+    dataset = DistillDataset(assets["audio"], frontend, max_duration=None, targets=cache)
+    batch = dataset[[s for s in segments if s.id in ("u2#0", "u4#1", "u4#2")]]
+    assert batch.targets[4].shape == (3, 150, 32)
+    assert batch.target_lengths.tolist() == [100, 150, 55]
+    online = replace(batch, targets=None, target_lengths=None)
+
+    def loss(b):
+        generator = step_generator(0, 0, 0, torch.device("cpu"))
+        with torch.no_grad():
+            return distill_loss(distiller, teacher.encoder, objective, b, generator)
+
+    cached_out, online_out = loss(batch), loss(online)
+    assert float(cached_out.total) == pytest.approx(float(online_out.total), rel=1e-3)
+    for name, part in online_out.parts.items():
+        assert float(cached_out.parts[name]) == pytest.approx(float(part), rel=1e-3)
+    # Targets that do not fit the features' frames are refused.
+    with pytest.raises(ValueError, match="rebuild the teacher-target cache"):
+        loss(replace(batch, target_lengths=batch.target_lengths + 1))
+
+
+def test_cached_distill_runs_and_resumes_through_the_cli(assets, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert _cli(assets, tmp_path, "cache-teacher", "--out", str(cache)) == 0
+    # One worker process: the cache travels to it without its memory maps.
+    use = (f"data.target_cache={cache}", "data.num_workers=1")
+    assert _cli(assets, tmp_path, "distill", *use, "train.max_steps=2") == 0
+    assert _cli(assets, tmp_path, "distill", *use, "train.max_steps=4") == 0  # continues
+    # Switching the same run to the online teacher changes the data: refused.
+    assert _cli(assets, tmp_path, "distill", "data.num_workers=1", "train.max_steps=6") == 2
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/loss"]) for r in losses)
+    state = json.loads(
+        sorted((run_dir / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text()
+    )
+    assert state["step"] == 4
+    assert (run_dir / "student" / "model.safetensors").is_file()
+
+
+def test_augmentation_and_a_cache_are_refused_together(assets, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.augment.enabled"):
+        _config(assets, tmp_path, "data.target_cache=somewhere", "data.augment.enabled=true")
+    with pytest.raises(ConfigError, match="augment"):
+        build_cache(_config(assets, tmp_path, "data.augment.enabled=true"), tmp_path / "c")
+    with pytest.raises(ConfigError, match="--out"):
+        build_cache(_config(assets, tmp_path), None)
