@@ -3,7 +3,9 @@
 Prints, per (precision, loss): teacher forward, student forward, loss, backward, optimizer and
 data time per step; audio seconds per second; the step's FLOPs against this device's measured
 matmul peak (the FLOP bound); the first-step loss (bf16 vs fp32 agreement) and the
-contrastive-vs-l1cos step-time ratio, all measured in one run.
+contrastive-vs-l1cos step-time ratio, all measured in one run; and each configuration's peak
+memory: the process' peak resident set (Linux VmHWM, reset before each configuration through
+/proc/self/clear_refs; ru_maxrss where that is unavailable) and, on CUDA, the peak allocated.
 
     python bench/bench_step.py                                  # CPU, embedded teacher + corpus
     python bench/bench_step.py --save-features .carry/feats.pt  # one batch, for another machine
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -57,6 +60,25 @@ def load_clips(args: argparse.Namespace, feature_extractor) -> tuple[list[torch.
     return clips, time.perf_counter() - t0
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False if not."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str = "VmHWM") -> int:
+    """VmHWM (peak resident set) or VmRSS (current) of this process in bytes."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
     """FLOP/s of a square matmul on this device (the practical peak)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -84,6 +106,10 @@ def run_config(teacher, batch: Batch, loss: str, precision: str, args, device) -
     )
     parts = {k: 0.0 for k in ("teacher", "student_fwd", "loss", "backward", "optimizer")}
     first_loss = None
+    rss_before = rss_bytes("VmRSS")
+    peak_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
         g = torch.Generator(device=device).manual_seed(step)
         marks = [time.perf_counter()]
@@ -113,8 +139,17 @@ def run_config(teacher, batch: Batch, loss: str, precision: str, args, device) -
         if step >= args.warmup:
             for key, a, b in zip(parts, marks[:-1], marks[1:], strict=True):
                 parts[key] += (b - a) / args.steps
+    memory = {
+        "rss_before_mb": rss_before / 2**20,
+        "peak_rss_mb": rss_bytes("VmHWM") / 2**20,
+        "peak_reset": peak_reset,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else None,
+    }
     flops = count_step_flops(teacher, student, objective, batch, autocast)
     return {
+        "memory": memory,
         "parts_s": parts,
         "step_s": sum(parts.values()),
         "first_loss": first_loss,
@@ -236,6 +271,19 @@ def print_table(rows: dict, audio_s: float, data_s: float, device, num_clips: in
         print(
             f"bf16 vs fp32: first-step loss {b['first_loss']:.4f} vs {a['first_loss']:.4f}, "
             f"step time ratio {b['step_s'] / a['step_s']:.2f}"
+        )
+    for (precision, loss), r in rows.items():
+        m = r["memory"]
+        cuda = (
+            ""
+            if m["cuda_peak_mb"] is None
+            else f", CUDA peak allocated {m['cuda_peak_mb']:.0f} MiB"
+        )
+        scope = "this configuration" if m["peak_reset"] else "the process so far (no reset)"
+        print(
+            f"peak memory {precision}/{loss}: RSS peak {m['peak_rss_mb']:.0f} MiB over "
+            f"{scope} ({m['rss_before_mb']:.0f} MiB before its first step: libraries, teacher, "
+            f"batch){cuda}"
         )
     print(
         f"data share of a fp32 contrastive step (0 workers, upper bound): "

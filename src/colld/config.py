@@ -88,7 +88,10 @@ class TrainConfig:
     seed: int = 0
     """Seeds student initialisation, data order, crops, augmentation, masks and distractors."""
     deterministic: bool = False
-    """Ask torch for deterministic algorithms (slower; for exact-resume checks)."""
+    """``torch.use_deterministic_algorithms(True)`` (and, on CUDA, deterministic cuDNN and
+    cuBLAS workspaces): a rerun, or a killed run resumed from its checkpoint, ends with
+    bit-identical weights on the same machine and thread count. Slower on GPUs (an op without
+    a deterministic kernel raises). CPU runs measured here were exact without it too."""
     log_every: int = 10
     """Steps between log lines / TensorBoard points."""
     eval_every: int = 125
@@ -99,6 +102,9 @@ class TrainConfig:
     """Steps between checkpoints (written atomically)."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest dev loss (saved when an evaluation sets a new
+    best, whatever ``ckpt_every`` says); never pruned. Resuming still takes the latest."""
     max_bad_steps: int = 5
     """Stop after this many NaN/Inf steps in a row (each bad step is skipped, not applied)."""
     output_dir: str = "runs/colld"

@@ -124,6 +124,21 @@ TINY_RUN_OVERRIDES: tuple[str, ...] = (
 )
 
 
+def tiny_distill_argv(teacher: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """``colld distill`` arguments of a tiny run (``TINY_RUN_OVERRIDES``, then ``extra``)."""
+    return [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        *TINY_RUN_OVERRIDES,
+        *extra,
+    ]
+
+
 def tiny_teacher_dir(family: str, out: Path, *, seed: int = 0, **sizes: Any) -> Path:
     """Save a tiny random teacher of ``family`` with its feature extractor to ``out`` (a
     directory ``colld distill --teacher`` accepts). Whisper teachers include a decoder."""

@@ -274,3 +274,22 @@ def test_pair_cosines_skip_ffn_targets_and_check_sizes() -> None:
     shallow = _feature_set(_random_states(2, TEACHER_DIM, [9], seed=1))
     with pytest.raises(ValueError, match=r"needs states 0\.\.4"):
         pair_cosines(_objective(), student, shallow)
+
+
+def test_position_retrieval_separates_position_from_content() -> None:
+    from colld.eval.mimicry import position_retrieval
+
+    frames, dim = 40, 16
+    position = _randn(frames, dim, seed=100).float()
+    states = []
+    for n in range(6):
+        content = _randn(frames, dim, seed=200 + n).float()
+        # state 0: content only; state 1: position only (+ a little content); state 2: mixed
+        states.append(torch.stack([content, position + 0.05 * content, position + 2 * content]))
+    values = position_retrieval(_feature_set(states))
+    assert len(values) == 3
+    assert values[0] < 0.15  # chance is 1/40
+    assert values[1] > 0.95
+    assert values[0] < values[2] < values[1]
+    short = _feature_set([s[:, :5] for s in states])
+    assert all(v != v for v in position_retrieval(short))  # NaN: no pair long enough

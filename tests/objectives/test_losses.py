@@ -338,3 +338,44 @@ def test_contrastive_on_cuda_matches_cpu_under_bf16_autocast() -> None:
     ]
     ok = (index != positions) & (index < lengths.to(device)[:, None, None])
     assert ok[drawable.expand_as(index)].all()
+
+
+def test_batch_negatives_defeat_a_position_only_predictor() -> None:
+    """z carries only the frame index; y = index code + utterance content. Same-utterance
+    distractors are told apart by position alone; same-index ones from other utterances not."""
+    g = torch.Generator().manual_seed(0)
+    batch, frames, dim = 6, 40, 32
+    position = torch.randn(frames, dim, generator=g)
+    y = position[None] + 0.3 * torch.randn(batch, frames, dim, generator=g)
+    z = position[None].expand(batch, -1, -1).clone()
+    select = torch.ones(batch, frames, dtype=torch.bool)
+    lengths = torch.full((batch,), frames)
+    kw = dict(tau=0.1, num_negatives=10)
+    plain = contrastive_losses([z], [y], select, lengths, generator=g, **kw)[0]
+    crossed = contrastive_losses(
+        [z], [y], select, lengths, generator=g, batch_negatives=True, **kw
+    )[0]
+    assert plain.accuracy > 0.95
+    assert crossed.accuracy < 0.5
+    assert crossed.loss > plain.loss + 1.0
+
+
+def test_batch_negative_cosines_match_a_loop() -> None:
+    from colld.objectives.losses import _same_index_cosines
+
+    g = torch.Generator().manual_seed(1)
+    pairs, batch, frames, dim = 2, 3, 5, 4
+    z = torch.nn.functional.normalize(torch.randn(pairs * batch, frames, dim, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(pairs * batch, frames, dim, generator=g), dim=-1)
+    lengths = torch.tensor([5, 3, 4] * pairs)
+    order = torch.tensor([[0, 2, 4]] * (pairs * batch))
+    got = _same_index_cosines(z, y, order, lengths, pairs)
+    for row in range(pairs * batch):
+        block, b = divmod(row, batch)
+        for r, t in enumerate(order[row].tolist()):
+            for c in range(batch):
+                other = block * batch + c
+                if c == b or t >= lengths[other]:
+                    assert got[row, r, c] == float("-inf")
+                else:
+                    assert torch.isclose(got[row, r, c], z[row, t] @ y[other, t])

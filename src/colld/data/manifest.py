@@ -11,6 +11,13 @@ Row fields (JSON types):
 A row with ``offset`` > 0 is the region [offset, offset + duration) of its file; a row at
 offset 0 is the file from its start (readers tolerate a duration that under-states the file).
 The field is written only when it is not 0, so whole-file manifests stay as they were.
+
+Path safety: a relative ``path`` must stay inside the corpus root, the manifest's folder or,
+for colld's corpus layout (``<corpus>/manifests/*.jsonl`` and ``<corpus>/lhotse/`` beside
+``<corpus>/audio/``), that folder's parent. A row whose relative path leads outside it
+(``../../etc/passwd``) is skipped with a problem line naming the row. The check is lexical
+(``..`` components; symlinks inside the corpus are followed, as for any file). Absolute paths
+are allowed: they are explicit, and the person who wrote the manifest chose them.
 Readers for foreign layouts (TSV, lhotse, HF datasets) live in ``colld.data.readers``.
 """
 
@@ -45,6 +52,34 @@ class Utterance:
     def resolved_path(self, root: Path) -> Path:
         path = Path(self.path)
         return path if path.is_absolute() else root / path
+
+
+CORPUS_SUBFOLDERS = ("manifests", "lhotse")
+
+
+def corpus_root(manifest: str | Path) -> Path:
+    """The folder a manifest's relative paths may not leave (see the module docstring)."""
+    folder = Path(manifest).parent
+    return folder.parent if folder.name in CORPUS_SUBFOLDERS else folder
+
+
+def escapes_root(path: str, base: str | Path, root: str | Path) -> bool:
+    """True when relative ``path``, resolved against ``base``, leads outside ``root``
+    (lexically: ``..`` components are resolved, symlinks are not). Absolute paths: False."""
+    if os.path.isabs(path):
+        return False
+    target = os.path.normpath(os.path.join(os.path.abspath(base), path))
+    top = os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([target, top]) != top
+
+
+def outside_root_problem(where: str, utt_id: str, path: str, root: str | Path) -> str:
+    """The problem line of a row whose relative path leaves the corpus root."""
+    return (
+        f"{where}: id '{utt_id}': relative path '{path}' leads outside the corpus root {root}; "
+        "relative paths must stay inside it (write an absolute path if the audio really "
+        "lives elsewhere)"
+    )
 
 
 class ManifestError(ValueError):
@@ -92,12 +127,14 @@ def _type_name(types: type | tuple[type, ...]) -> str:
 def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
     """Read a JSONL manifest. Returns (utterances, problems).
 
-    Rows that cannot be used (bad JSON, missing or wrong-typed fields, duplicate ids) are
-    skipped and described in ``problems`` (one line each) so the caller can warn and count.
+    Rows that cannot be used (bad JSON, missing or wrong-typed fields, duplicate ids, a
+    relative path that leaves the corpus root) are skipped and described in ``problems`` (one
+    line each) so the caller can warn and count.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
+    root = corpus_root(path)
     utterances: list[Utterance] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -116,6 +153,9 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
                 continue
             if utt.id in seen:
                 problems.append(f"{where}: duplicate id '{utt.id}' (first row kept)")
+                continue
+            if escapes_root(utt.path, path.parent, root):
+                problems.append(outside_root_problem(where, utt.id, utt.path, root))
                 continue
             seen.add(utt.id)
             utterances.append(utt)

@@ -4,8 +4,10 @@ Each reader returns ``ReadResult(utterances, root, problems)``: utterance paths 
 relative to ``root``; ``problems`` holds one line per skipped entry (file:line or path, and
 why), so callers can warn and count. Entries are skipped for: unreadable/empty/unsupported
 audio, missing files, missing or wrong-typed fields, non-positive durations, duplicate ids
-(the first is kept). A reader raises ``ReaderError`` naming the input when nothing usable is
-left. ``verify=True`` also decodes every file (``load_audio``), which catches corrupt bodies
+(the first is kept), and relative paths that lead outside the corpus root (``../../x``; see
+``colld.data.manifest``: the manifest's folder, the TSV's audio root, fairseq's root line, the
+dataset folder, or lhotse's working directory / manifest folder; absolute paths are allowed).
+A reader raises ``ReaderError`` naming the input when nothing usable is left. ``verify=True`` also decodes every file (``load_audio``), which catches corrupt bodies
 and NaN/Inf samples that a header alone does not show; it costs a full decode of the corpus.
 
 Layouts: a directory of audio files, colld's JSONL manifest, TSV (header with a path/audio
@@ -30,7 +32,15 @@ from typing import Any, NamedTuple
 import soundfile as sf
 
 from colld.audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, audio_duration, load_audio
-from colld.data.manifest import Utterance, read_manifest, write_manifest
+from colld.data.manifest import (
+    CORPUS_SUBFOLDERS,
+    Utterance,
+    corpus_root,
+    escapes_root,
+    outside_root_problem,
+    read_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +87,23 @@ def _finish(
     *,
     check_files: bool,
     verify: bool,
+    top: Path | None = None,
 ) -> ReadResult:
-    """Drop duplicates, bad durations, missing (and, with ``verify``, undecodable) files.
+    """Drop duplicates, paths outside the corpus root, bad durations, missing (and, with
+    ``verify``, undecodable) files.
 
     entries: (where, utterance) pairs; ``where`` (file:line, or the audio path) starts each
     problem line.
+    top: the folder relative paths (resolved against ``root``) may not leave; None = ``root``.
     """
     kept: list[Utterance] = []
     seen: set[str] = set()
+    top = root if top is None else top
     for where, utt in entries:
         audio = utt.resolved_path(root)
+        if escapes_root(utt.path, root, top):
+            problems.append(outside_root_problem(where, utt.id, utt.path, top))
+            continue
         if utt.id in seen:
             problems.append(f"{where}: duplicate id '{utt.id}' (first kept)")
             continue
@@ -194,7 +211,9 @@ def read_jsonl(path: str | Path, *, verify: bool = False) -> ReadResult:
     path = Path(path)
     utterances, problems = read_manifest(path)
     entries = [(str(path), utt) for utt in utterances]
-    return _finish(path, entries, path.parent, problems, check_files=True, verify=verify)
+    return _finish(
+        path, entries, path.parent, problems, check_files=True, verify=verify, top=corpus_root(path)
+    )
 
 
 # ---------------------------------------------------------------- TSV
@@ -416,7 +435,12 @@ def _recording_file(
         return None
     audio = Path(source.source)
     if not audio.is_absolute():
-        audio = audio.absolute() if audio.exists() else (manifest_dir / audio).absolute()
+        base = Path.cwd() if audio.exists() else manifest_dir
+        top = base.parent if base == manifest_dir and base.name in CORPUS_SUBFOLDERS else base
+        if escapes_root(source.source, base, top):
+            problems.append(outside_root_problem(where, recording.id, source.source, top))
+            return None
+        audio = (base / audio).absolute()
     return audio
 
 
@@ -554,6 +578,8 @@ def _hf_row_to_utterance(
             audio = _export_bytes(value["bytes"], source_name, utt_id, split, root)
             relative: str = audio.relative_to(root).as_posix()
         else:
+            if escapes_root(source_name, dataset_dir, dataset_dir):
+                return outside_root_problem(where, utt_id, source_name, dataset_dir)
             audio = Path(source_name)
             audio = audio if audio.is_absolute() else (dataset_dir / audio).absolute()
             relative = str(audio)

@@ -25,13 +25,19 @@ Why this wrapper and not lhotse's own iteration and ``state_dict``:
   ``SampledBatch`` carries its epoch and index so the dataset (in a worker process) can seed
   cropping and augmentation per (seed, epoch, utterance) and the trainer can record progress.
 
-Distributed split (lhotse's scheme): every rank generates the same global batch sequence and
-keeps every ``world_size``-th batch, so ranks see disjoint utterances and the same number of
-batches per epoch. At the very end of a bucket lhotse redistributes the last few cuts over all
-ranks; when a bucket ends with fewer cuts than ranks it duplicates some (ids marked
-``_dup``). We drop such duplicates from a batch when the batch has other utterances; a
-batch made only of duplicates is kept (at most ``world_size - 1`` utterances per bucket and
-epoch), since an empty batch on one rank would stall the others.
+Distributed split: every rank generates the same *global* batch sequence, the one a single
+process would train on (lhotse's sampler always runs with world size 1 here), and rank ``r``
+keeps global batches ``r, r + W, r + 2W, ...`` (``W`` = world size). So the utterances of one
+optimizer update do not depend on how it is split: ``W`` processes with ``train.grad_accum=G``
+train on exactly the batches of one process with ``grad_accum=G*W`` (the multi-process test
+checks this). lhotse's own split is not used because it pairs batches per bucket, which makes
+the global sequence depend on ``W``. When an epoch's batch count is not a multiple of ``W``, its
+last full round and the incomplete one are evened out (``even_out``): the batches with the most
+utterances are halved by count, which keeps them within the budget, until the count is a
+multiple of ``W``. Only when those batches are single clips do some ranks get a repeat (at most
+``W - 1`` clips per epoch), since every rank needs a batch and an empty one would leave the ranks
+at different positions. So the multi-process order equals the single-process one except in an
+epoch's last two rounds.
 """
 
 from __future__ import annotations
@@ -119,8 +125,9 @@ class DurationBucketSampler(Sampler[SampledBatch]):
         forms a batch of its own that exceeds it.
     max_duration: clips longer than this (seconds) are cropped by the dataset; None = never.
     num_buckets: duration buckets of about equal total duration (capped at one bucket per
-        ``4 * world_size`` utterances).
-    seed: shuffling seed; the order of epoch ``e`` depends only on (seed, e, utterances).
+        4 utterances).
+    seed: shuffling seed; the global order of epoch ``e`` depends only on (seed, e,
+        utterances, batch_seconds, max_duration, num_buckets), not on the world size.
     rank, world_size: this process' share; None = from torch.distributed / environment.
     num_epochs: stop after this many epochs; None = endless (step-based training).
     """
@@ -144,9 +151,9 @@ class DurationBucketSampler(Sampler[SampledBatch]):
         self.max_duration = None if max_duration is None else float(max_duration)
         self.seed = int(seed)
         self.rank, self.world_size = resolve_distributed(rank, world_size)
-        # Each bucket ends with a partial batch that lhotse spreads over the ranks (duplicating
-        # when it holds fewer clips than ranks): keep buckets large enough for that to be rare.
-        self.num_buckets = max(1, min(num_buckets, len(self.utterances) // (4 * self.world_size)))
+        # Each bucket ends with a partial batch: keep buckets large enough for that to be rare.
+        # Independent of world_size, so that the global batch sequence is too (module doc).
+        self.num_buckets = max(1, min(num_buckets, len(self.utterances) // 4))
         self.num_epochs = num_epochs
         self.fingerprint = utterances_fingerprint(self.utterances)
         # Where training stands: (epoch, batches of it consumed). Iteration starts here.
@@ -165,12 +172,8 @@ class DurationBucketSampler(Sampler[SampledBatch]):
     def _build_lhotse_sampler(self) -> BucketingSampler | SimpleCutSampler:
         # A fresh lhotse sampler per pass keeps passes independent (e.g. ``num_batches``
         # while the DataLoader iterates); building one costs ~0.1 s per 10k utterances.
-        common = dict(
-            max_duration=self.batch_seconds,
-            shuffle=True,
-            world_size=self.world_size,
-            rank=self.rank,
-        )
+        # world_size 1: the global sequence; epoch_batches deals it out to the ranks.
+        common = dict(max_duration=self.batch_seconds, shuffle=True, world_size=1, rank=0)
         if self.num_buckets < 2:
             return SimpleCutSampler(self._cuts, seed=self.seed, **common)
         sampler = BucketingSampler(
@@ -192,8 +195,9 @@ class DurationBucketSampler(Sampler[SampledBatch]):
         """The epoch training is in (the next iteration starts in it)."""
         return self._consumed[0]
 
-    def epoch_batches(self, epoch: int) -> Iterator[list[Utterance]]:
-        """This rank's batches of ``epoch``, in order. Reads metadata only (no audio)."""
+    def global_batches(self, epoch: int) -> Iterator[list[Utterance]]:
+        """All ranks' batches of ``epoch`` in the order one process trains on them (metadata
+        only, no audio)."""
         sampler = self._build_lhotse_sampler()
         sampler.set_epoch(epoch)
         batches = iter(sampler)
@@ -206,13 +210,18 @@ class DurationBucketSampler(Sampler[SampledBatch]):
                     cuts = next(batches)
                 except StopIteration:
                     return
-            yield self._to_utterances(cuts)
+            yield [self.utterances[c.custom["utterance_index"]] for c in cuts]
 
-    def _to_utterances(self, cuts: CutSet) -> list[Utterance]:
-        pairs = [(c.id, self.utterances[c.custom["utterance_index"]]) for c in cuts]
-        # lhotse renames the duplicates it makes at a bucket's end (see module doc).
-        originals = [utt for cut_id, utt in pairs if cut_id == utt.id]
-        return originals if originals else [utt for _, utt in pairs]
+    def epoch_batches(self, epoch: int) -> Iterator[list[Utterance]]:
+        """This rank's batches of ``epoch``, in order: every ``world_size``-th global batch,
+        then its share of the epoch's last, incomplete round (module doc)."""
+        size, pending = self.world_size, []  # one full round is held back for ``even_out``
+        for batch in self.global_batches(epoch):
+            pending.append(batch)
+            if len(pending) == 2 * size:
+                yield pending[self.rank]
+                pending = pending[size:]
+        yield from even_out(pending, size)[self.rank :: size]
 
     def num_batches(self, epoch: int) -> int:
         """Batches this rank gets in ``epoch`` (the same on every rank)."""
@@ -280,6 +289,25 @@ class DurationBucketSampler(Sampler[SampledBatch]):
         if consumed < 0 or epoch < 0:
             raise ValueError(f"invalid sampler state: epoch={epoch}, consumed={consumed}")
         self._consumed = (epoch, consumed)
+
+
+def even_out(batches: list[list[Utterance]], world_size: int) -> list[list[Utterance]]:
+    """An epoch's last global batches, made a multiple of ``world_size`` in number.
+
+    The batch with the most utterances is halved by count (both halves stay within the budget:
+    fewer clips, none longer) until the count is a multiple; if only single clips are left,
+    the first batches are repeated. The same on every rank; batches keep their order.
+    """
+    parts = [list(batch) for batch in batches]
+    target = -(-len(parts) // world_size) * world_size
+    while len(parts) < target:
+        largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        batch = parts[largest]
+        if len(batch) < 2:
+            break
+        half = (len(batch) + 1) // 2
+        parts[largest : largest + 1] = [batch[:half], batch[half:]]
+    return parts + [parts[i % len(parts)] for i in range(target - len(parts))]
 
 
 def _seed_bucket_samplers(sampler: BucketingSampler, seed: int) -> None:

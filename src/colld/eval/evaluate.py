@@ -1,9 +1,11 @@
 """``colld evaluate``: probes, mimicry and efficiency of one model, written as one JSON file.
 
-A result file (schema ``colld-eval/1``) holds:
+A result file (schema ``colld-eval/2``) holds:
     model, label, kind ("teacher" | "student" | "fbank"), fingerprint,
     corpus: {dir, fingerprint (of the three probe manifests), utterances per split},
     probes: task -> summary over probe seeds (mean, std, per seed, per language, layer weights),
+    position_retrieval: per hidden state, how much absolute position dominates (probe-test;
+        see ``colld.eval.mimicry.position_retrieval``),
     mimicry: (students) teacher, per-pair cosine, CKA matrix student x teacher layers,
     efficiency: parameters, FLOPs per audio second, latency / real-time factor, peak memory,
     settings (tasks, seeds, probe config), machine, created, seconds.
@@ -35,7 +37,7 @@ from colld.students.export import read_provenance
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "colld-eval/1"
+SCHEMA = "colld-eval/2"
 ALL_TASKS = ("lid", "sid", "pr", "char")
 CKA_FRAMES = 8000
 """Frames (seeded subsample of probe-test) behind each CKA value: float64 products on
@@ -143,6 +145,7 @@ def evaluate_model(
     when ``reuse`` (the model is loaded only to fingerprint it when it is a student or HF dir).
     """
     from colld.eval.features import extract_features
+    from colld.eval.mimicry import position_retrieval
     from colld.eval.probes import ProbeConfig, run_probes
 
     start = time.perf_counter()
@@ -194,6 +197,7 @@ def evaluate_model(
         "frame_rate": features["probe-train"].frame_rate,
         "num_hidden_states": features["probe-train"].num_layers,
         "probes": {task: _plain(summary) for task, summary in summaries.items()},
+        "position_retrieval": position_retrieval(features["probe-test"]),
         "probe_config": _plain(probe_config),
         "settings": settings.key(),
         "mimicry": None,

@@ -390,3 +390,38 @@ def _check_sizes(objective: DistillObjective, student: FeatureSet, teacher: Feat
                 f"{role} features of {features.model} have {features.num_layers} states of width "
                 f"{features.dim}; the objective needs states 0..{deepest} of width {dim}"
             )
+
+
+# ---------------------------------------------------------------- position signal
+
+
+def position_retrieval(
+    features: FeatureSet, *, max_pairs: int = 100, min_frames: int = 20
+) -> list[float]:
+    """How much each hidden state is dominated by absolute position, one value per state.
+
+    Utterances are paired in order ((0, 1), (2, 3), ...); for frame t of the first, the frame of
+    the second with the highest cosine (states layer-normed per frame, as the probes see them)
+    is looked up over the common length T, and the share of frames where that is frame t is
+    reported. Two different utterances share nothing but positions, so a value near 1 means
+    a state encodes where a frame is rather than what is said (chance is about 1 / T). A student
+    distilled with same-utterance distractors from a teacher with absolute positions can learn
+    exactly this shortcut (docs/results/demo.md). Pairs shorter than ``min_frames`` are skipped.
+
+    Shape: states (L + 1, T_n, D) per utterance -> L + 1 floats.
+    """
+    hits = torch.zeros(features.num_layers, dtype=torch.float64)
+    counted = 0
+    for a in range(0, min(len(features.states) - 1, 2 * max_pairs), 2):
+        first, second = features.states[a].float(), features.states[a + 1].float()
+        frames = min(first.shape[1], second.shape[1])
+        if frames < min_frames:
+            continue
+        x = F.normalize(F.layer_norm(first[:, :frames], (first.shape[-1],)), dim=-1)
+        y = F.normalize(F.layer_norm(second[:, :frames], (second.shape[-1],)), dim=-1)
+        best = torch.bmm(x, y.transpose(1, 2)).argmax(dim=-1)  # (L + 1, T)
+        hits += (best == torch.arange(frames)).sum(dim=1).double()
+        counted += frames
+    if counted == 0:
+        return [float("nan")] * features.num_layers
+    return (hits / counted).tolist()

@@ -198,6 +198,22 @@ def mimicry_lines(cmp: Comparison) -> list[str]:
     return lines
 
 
+def position_table(cmp: Comparison) -> str | None:
+    """Per model and hidden state: the share of frames whose best match in ANOTHER utterance
+    is the frame at the same index (1 = position only, chance ~ 1 / T)."""
+    rows = [(r["label"], r.get("position_retrieval")) for r in cmp.results]
+    rows = [(label, values) for label, values in rows if values]
+    if not rows:
+        return None
+    width = max(len(values) for _, values in rows)
+    head = ["model"] + [f"h{j}" for j in range(width)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, values in rows:
+        cells = [_fmt(v, 2) for v in values] + [""] * (width - len(values))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def efficiency_table(cmp: Comparison) -> str:
     head = ["model", "latency b=1 (s)", "clip (s)", "batch", "peak RSS (MB)", "threads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -257,6 +273,14 @@ def write_report(cmp: Comparison, out_dir: str | Path, *, title: str = "colld ev
     if mim:
         md += ["", "## Mimicry", ""] + mim + [""]
         md += [f"![{name}]({name})" for name in figures if name.startswith("cka_")]
+    positions = position_table(cmp)
+    if positions:
+        md += ["", "## Position signal", "", positions, ""]
+        md.append(
+            "Share of probe-test frames whose most similar frame in another utterance is the one "
+            "at the same index (h0 = front-end output). Near 1: the state says where a frame is, "
+            "not what it holds."
+        )
     md += ["", "## Efficiency", "", efficiency_table(cmp), ""]
     training = [name for name in figures if name.startswith("training_")]
     if training:

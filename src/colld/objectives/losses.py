@@ -206,8 +206,15 @@ def contrastive_losses(
     generator: torch.Generator | None,
     distractors: Sequence[Tensor] | None = None,
     stack: bool | None = None,
+    batch_negatives: bool = False,
 ) -> list[PairLoss]:
     """``contrastive_loss`` for P pairs that share frames and lengths.
+
+    batch_negatives: besides the K distractors of the same utterance, contrast each selected
+        frame t of utterance b with frame t of every other utterance of the batch that is
+        longer than t (ObjectiveConfig.batch_negatives). Those share the positive's absolute
+        position, so an encoder with absolute positions (Whisper) cannot pick the positive by
+        position alone. Costs one (B x D) x (D x B) product per frame index.
 
     stack: True stacks the P pairs along the batch axis, so every kernel runs once instead of P
         times and the host synchronises once: on a GPU the loss is launch-bound at training
@@ -235,6 +242,7 @@ def contrastive_losses(
                 num_negatives=num_negatives,
                 generator=generator,
                 distractors=None if distractors is None else [distractors[p]],
+                batch_negatives=batch_negatives,
             )[0]
             for p, (z, y) in enumerate(zip(zs, ys, strict=True))
         ]
@@ -291,6 +299,10 @@ def contrastive_losses(
             identical &= column_prints[..., 1:] == column_prints[..., :1]
         dropped = F.pad(identical, (1, 0), value=False)  # the positive is never dropped
         logits = logits.masked_fill(dropped, float("-inf"))
+        if batch_negatives:
+            z_all = F.normalize(z, dim=-1, eps=COS_EPS)
+            cross = _same_index_cosines(z_all, y_unit, order, stacked_lengths, num_pairs)
+            logits = torch.cat([logits, cross / tau], dim=-1)  # (B', R, 1 + K + B)
         log_prob_positive = F.log_softmax(logits, dim=-1)[..., 0]  # (B', R)
         # Per-pair frame means: (B', R) -> (P, B * R).
         counted = row_counted.reshape(1, -1).expand(num_pairs, -1)
@@ -304,6 +316,33 @@ def contrastive_losses(
     return [
         PairLoss(loss=losses[p], accuracy=accuracy[p], cosine=cosine[p]) for p in range(num_pairs)
     ]
+
+
+def _same_index_cosines(
+    z_unit: Tensor, y_unit: Tensor, order: Tensor, lengths: Tensor, num_pairs: int
+) -> Tensor:
+    """cos(z[b, t], y[c, t]) for each packed row (b, t = order[b, r]) and every utterance c of
+    the same pair block; -inf where c == b or frame t lies past c's end.
+
+    Shape: z_unit, y_unit (B', T, D) unit rows, B' = P * B; order (B', R); lengths (B',)
+    -> (B', R, B).
+    """
+    stacked, num_frames, dim = y_unit.shape
+    batch = stacked // num_pairs
+    z_t = z_unit.view(num_pairs, batch, num_frames, dim).transpose(1, 2)  # (P, T, B, D)
+    y_t = y_unit.view(num_pairs, batch, num_frames, dim).transpose(1, 2)  # (P, T, C, D)
+    by_index = torch.matmul(z_t, y_t.transpose(-1, -2))  # (P, T, B, C)
+    by_index = by_index.permute(0, 2, 1, 3).reshape(stacked, num_frames, batch)  # (B', T, C)
+    rows = by_index.gather(1, order[:, :, None].expand(-1, -1, batch))  # (B', R, C)
+    own = torch.arange(stacked, device=order.device) % batch  # (B',) b within its block
+    same = own[:, None, None] == torch.arange(batch, device=order.device)[None, None, :]
+    past_end = (
+        order[:, :, None]
+        >= lengths.view(num_pairs, batch)[torch.arange(stacked, device=order.device) // batch][
+            :, None, :
+        ]
+    )  # (B', R, C)
+    return rows.masked_fill(same | past_end, float("-inf"))
 
 
 def _selected_only(

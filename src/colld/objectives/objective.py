@@ -69,7 +69,13 @@ class ObjectiveConfig:
     """Contrastive temperature (> 0)."""
 
     num_negatives: int = 100
-    """K, distractors per frame for the contrastive loss (>= 1)."""
+    """K, distractors per frame for the contrastive loss (>= 1), from the same utterance."""
+
+    batch_negatives: bool = False
+    """Contrastive only: also contrast each frame with the same frame index of every other
+    utterance in the batch. The paper's distractors all come from the same utterance; with
+    Whisper's absolute sinusoidal positions that task can be solved by position alone (measured
+    in docs/results/demo.md), and these extra distractors share the positive's position."""
 
     loss_frames: str = "masked"
     """Frames the loss counts: "masked", "unmasked" or "all" valid frames. With masking off
@@ -136,6 +142,11 @@ class ObjectiveConfig:
             raise ValueError(f"objective.tau = {self.tau} must be > 0")
         if self.num_negatives < 1:
             raise ValueError(f"objective.num_negatives = {self.num_negatives} must be >= 1")
+        if self.batch_negatives and self.loss != "contrastive":
+            raise ValueError(
+                f"objective.batch_negatives applies to the contrastive loss only, "
+                f"but objective.loss = {self.loss!r}"
+            )
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ValueError(f"objective.mask_prob = {self.mask_prob} must lie in [0, 1]")
         if self.mask_span < 1:
@@ -306,6 +317,7 @@ class DistillObjective(nn.Module):
                 tau=self.config.tau,
                 num_negatives=self.config.num_negatives,
                 generator=generator,
+                batch_negatives=self.config.batch_negatives,
             )
         if self.config.loss == "l1cos":
             lam = self.config.l1cos_lambda

@@ -13,6 +13,11 @@ return_attention_mask=True)`` for waveform families.
 Fingerprint: sha256 over the weight files (name and sha256 of each, sorted by name) for
 checkpoints on disk (a local directory or the hub's local snapshot); for models only in memory,
 sha256 over the state dict (name, dtype, shape and bytes of each tensor, sorted by name).
+
+Safety: a checkpoint whose config.json or preprocessor_config.json names custom code
+(``auto_map``) is refused unless ``trust_remote_code`` (``teacher.trust_remote_code=true``).
+Weights are read by transformers: safetensors when present, else ``pytorch_model.bin`` with
+``torch.load(weights_only=True)``, which refuses pickled code (``TeacherLoadError``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +208,8 @@ def _check_config(config_dict: dict[str, Any], spec: str, trust_remote_code: boo
     if "auto_map" in config_dict and not trust_remote_code:
         raise TeacherLoadError(
             f"teacher '{spec}' needs custom code from its repository (config.json has auto_map "
-            f"{sorted(config_dict['auto_map'])}); pass trust_remote_code=True if you trust it"
+            f"{sorted(config_dict['auto_map'])}); pass trust_remote_code=True "
+            "(teacher.trust_remote_code=true) only if you trust its source"
         )
     if model_type not in FAMILIES:
         raise TeacherLoadError(
@@ -216,10 +223,20 @@ def _load_encoder_module(
     """The base encoder in float32, without heads (and without the Whisper decoder where the
     checkpoint is an encoder only, as colld's exported students are)."""
     hub = dict(trust_remote_code=trust_remote_code, revision=revision)
-    if "WhisperEncoder" in (config_dict.get("architectures") or []):
-        return WhisperEncoder.from_pretrained(spec, dtype=torch.float32, **hub)
-    config = AutoConfig.from_pretrained(spec, **hub)
-    model = AutoModel.from_pretrained(spec, config=config, dtype=torch.float32, **hub)
+    try:
+        if "WhisperEncoder" in (config_dict.get("architectures") or []):
+            return WhisperEncoder.from_pretrained(spec, dtype=torch.float32, **hub)
+        config = AutoConfig.from_pretrained(spec, **hub)
+        model = AutoModel.from_pretrained(spec, config=config, dtype=torch.float32, **hub)
+    except (pickle.UnpicklingError, OSError, RuntimeError) as err:
+        if "weights_only" not in str(err) and not isinstance(err, pickle.UnpicklingError):
+            raise
+        raise TeacherLoadError(
+            f"teacher '{spec}': its weights hold more than tensors, so they were not loaded "
+            "(colld reads safetensors, or pytorch_model.bin with torch.load(weights_only=True), "
+            "which refuses pickled code). Use a checkpoint with model.safetensors from a source "
+            f"you trust ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+        ) from err
     return encoder_module_of(model)
 
 
@@ -227,6 +244,13 @@ def _load_feature_extractor(
     spec: str, snapshot: Path, model: nn.Module, trust_remote_code: bool, revision: str | None
 ) -> Any:
     if (snapshot / PREPROCESSOR_FILE).is_file():
+        preprocessor = json.loads((snapshot / PREPROCESSOR_FILE).read_text())
+        if "auto_map" in preprocessor and not trust_remote_code:
+            raise TeacherLoadError(
+                f"teacher '{spec}' needs custom code for its feature extractor "
+                f"({PREPROCESSOR_FILE} has auto_map {sorted(preprocessor['auto_map'])}); set "
+                "teacher.trust_remote_code=true only if you trust its source"
+            )
         return AutoFeatureExtractor.from_pretrained(
             spec, trust_remote_code=trust_remote_code, revision=revision
         )

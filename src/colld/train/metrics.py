@@ -1,14 +1,20 @@
-"""Run logging: TensorBoard, a JSONL metrics file (read later by reports), a progress bar."""
+"""Run logging: TensorBoard, a JSONL metrics file (read later by reports), a progress bar;
+and the cross-process summaries they log (means over micro-batches and processes, a
+fingerprint of the weights to check that data-parallel replicas agree)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from colld.objectives.objective import LossOutput
@@ -33,6 +39,46 @@ def loss_scalars(out: LossOutput, prefix: str) -> dict[str, float]:
             out.accuracy
         )
     return scalars
+
+
+def mean_losses(outs: Sequence[LossOutput]) -> LossOutput:
+    """The detached mean of the micro-batches' losses of one optimizer update."""
+
+    def mean(values: Iterable[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([v.detach().float() for v in values]).mean()
+
+    first = outs[0]
+    return LossOutput(
+        total=mean(o.total for o in outs),
+        parts={k: mean(o.parts[k] for o in outs) for k in first.parts},
+        accuracy={k: mean(o.accuracy[k] for o in outs) for k in first.accuracy},
+        cosine={k: mean(o.cosine[k] for o in outs) for k in first.cosine},
+        student_std={k: mean(o.student_std[k] for o in outs) for k in first.student_std},
+    )
+
+
+def mean_over_processes(scalars: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Each scalar averaged over the processes (one all-reduce; every process must call it
+    with the same keys). With equal per-process batches this is the global batch's value."""
+    if accelerator.num_processes == 1:
+        return scalars
+    keys = sorted(scalars)
+    values = torch.tensor(
+        [scalars[k] for k in keys], dtype=torch.float64, device=accelerator.device
+    )
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def parameter_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of the exact bytes (and names, dtypes, shapes) of some tensors, e.g. a module's
+    ``named_parameters()``: equal on two processes iff their weights are bit-identical."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class RunLogger:

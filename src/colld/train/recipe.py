@@ -6,21 +6,24 @@ Runs unchanged on one CPU, one GPU, or many processes under ``accelerate launch`
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers import get_scheduler
 
 from colld import __version__
 from colld.config import RunConfig, dump_config, to_dict
+from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.objectives.objective import DistillObjective, LossOutput
 from colld.students.build import build_student, count_encoder_parameters
@@ -28,12 +31,20 @@ from colld.students.export import export_student
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.checkpoint import (
     TrainState,
+    check_disk_space,
+    estimate_checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from colld.train.data_setup import BatchStream, build_data, resolve_sources
-from colld.train.metrics import RunLogger, loss_scalars
+from colld.train.metrics import (
+    RunLogger,
+    loss_scalars,
+    mean_losses,
+    mean_over_processes,
+    parameter_fingerprint,
+)
 from colld.train.step import Distiller, distill_loss, step_generator
 from colld.train.teacher_cache import open_run_cache
 
@@ -51,11 +62,37 @@ RESUMABLE_CHANGES = {
     "train.device",
     "data.num_workers",
     "train.max_bad_steps",
+    "train.keep_best",
+    "train.deterministic",
 }
 
 
 class BadStepsError(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+def set_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: deterministic kernels everywhere (see TrainConfig). cuBLAS
+    reads its workspace setting when it starts, so it is set before any CUDA work."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    log.info(
+        "deterministic mode: deterministic kernels, %d intra-op threads (results are exact "
+        "for the same thread count)",
+        torch.get_num_threads(),
+    )
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The global torch RNG's seed for update ``step`` on ``rank`` (dropout draws from it).
+    Reseeding every update makes a resumed run's dropout that of the uninterrupted run, even
+    though other code (a DataLoader iterator's base seed) draws from the global RNG in
+    between; it differs from ``step_generator``'s seed so dropout and masks are independent."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 0x9E3779B9) % (2**63 - 1)
 
 
 @dataclass
@@ -73,6 +110,7 @@ class Run:
     state: TrainState
     run_dir: Path
     logger: RunLogger
+    bad_batch_ids: list[str] = field(default_factory=list)  # of the last skipped update
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -109,6 +147,16 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.objective.mask)
     mixed_precision = resolve_precision(cfg.train.precision, probe)
     warn_slow_cpu_bf16(mixed_precision, probe)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate launch
+    if launcher not in ("no", mixed_precision):
+        log.warning(
+            "the accelerate config asks for mixed_precision=%s but colld follows "
+            "train.precision=%s (-> %s); set train.precision=%s to use it",
+            launcher,
+            cfg.train.precision,
+            mixed_precision,
+            launcher,
+        )
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
@@ -131,6 +179,7 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def setup(cfg: RunConfig, *, resume: bool) -> Run:
+    set_deterministic(cfg.train.deterministic)
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
     checkpoint = _find_resume_point(run_dir, cfg, resume)
@@ -140,9 +189,12 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         revision=cfg.teacher.revision,
     )
     student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed)
-    objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
+    with torch.random.fork_rng(devices=[]):  # the heads' init: from the seed, not the RNG's state
+        torch.manual_seed(cfg.train.seed + 1)
+        objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
     _log_sizes(teacher.encoder, student, objective)
-    sources = resolve_sources(cfg.data, cfg.train.seed)
+    with accelerator.main_process_first():  # one process synthesises a missing corpus
+        sources = resolve_sources(cfg.data, cfg.train.seed)
     target_cache = None
     if cfg.data.target_cache is not None:
         target_cache = open_run_cache(cfg, teacher, objective.teacher_layers, sources[0][0])
@@ -171,6 +223,10 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         state = ckpt.state
         train.seek(state.epoch, state.batches_in_epoch)
         log.info("resumed from %s at step %d", checkpoint, state.step)
+    if accelerator.is_main_process:  # rows a killed attempt logged past its checkpoint
+        _trim_metrics(run_dir / "metrics.jsonl", state.step if checkpoint is not None else -1)
+    # Every process checks (the same disk, the same answer), so none waits for a failed one.
+    check_disk_space(run_dir, estimate_checkpoint_bytes(distiller, optimizer))
     teacher.encoder.to(accelerator.device)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     if accelerator.is_main_process:
@@ -225,6 +281,27 @@ def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | No
     return latest
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows past the resumed ``step`` (-1: all rows, for a start from scratch): a
+    killed run logged steps that it never checkpointed, and the resumed run logs them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _metrics_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics row; a torn last row (killed mid-write) counts as past any step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def _config_differences(a: dict, b: dict, prefix: str = "") -> set[str]:
     keys = set(a) | set(b)
     diffs: set[str] = set()
@@ -256,22 +333,32 @@ def _log_sizes(teacher: SpeechEncoder, student: SpeechEncoder, objective: Distil
 
 
 def train_update(run: Run) -> tuple[LossOutput, float, bool]:
-    """One optimizer update over ``grad_accum`` batches. Returns (loss, grad norm, applied)."""
+    """One optimizer update over ``grad_accum`` batches. Returns (loss, grad norm, applied);
+    the loss is this process' mean over its batches, detached."""
     acc, cfg = run.accelerator, run.cfg.train
-    generator = step_generator(cfg.seed, run.state.step, acc.process_index, acc.device)
-    out, ids = None, []
+    buffers = _snapshot_buffers(run.distiller)
+    outs, ids = [], []
     for micro in range(cfg.grad_accum):
         batch = run.train.next_batch().to(acc.device)
         ids += batch.ids
+        _log_batch_ids(run, micro, batch)
+        # Masks, distractors and dropout are seeded by the batch's slot in the global update,
+        # so W processes with grad_accum G draw what one process with G * W draws for the
+        # same batches (colld.data.sampler deals the batches out the same way).
+        slot = micro * acc.num_processes + acc.process_index
+        generator = step_generator(cfg.seed, run.state.step, slot, acc.device)
+        torch.manual_seed(dropout_seed(cfg.seed, run.state.step, slot))
         sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.distiller)
         with sync, acc.autocast():
             out = distill_loss(run.distiller, run.teacher.encoder, run.objective, batch, generator)
             acc.backward(out.total / cfg.grad_accum)
+        outs.append(out)
         seconds = acc.reduce(batch.durations.sum().to(acc.device).float(), reduction="sum")
         run.state.audio_seconds += float(seconds)
     params = [p for p in run.distiller.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+    out = mean_losses(outs)
     finite = torch.tensor(
         float(math.isfinite(grad_norm) and torch.isfinite(out.total).item()), device=acc.device
     )
@@ -287,8 +374,22 @@ def train_update(run: Run) -> tuple[LossOutput, float, bool]:
             grad_norm,
             ", ".join(ids),
         )
+        run.bad_batch_ids = ids
+        _restore_buffers(run.distiller, buffers)  # e.g. running target statistics
     run.optimizer.zero_grad(set_to_none=True)
     return out, grad_norm, applied
+
+
+def _snapshot_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the module's buffers (running statistics: small), so that a skipped update
+    leaves no trace: its forward pass may already have merged NaN into them."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()}
+
+
+@torch.no_grad()
+def _restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for name, buffer in module.named_buffers():
+        buffer.copy_(saved[name])
 
 
 def train_loop(run: Run) -> None:
@@ -298,25 +399,66 @@ def train_loop(run: Run) -> None:
         out, grad_norm, applied = train_update(run)
         run.state.bad_steps = 0 if applied else run.state.bad_steps + 1
         if run.state.bad_steps >= cfg.max_bad_steps:
-            _save(run)
+            saved = _save(run)
             raise BadStepsError(
-                f"{run.state.bad_steps} non-finite steps in a row at step {run.state.step}; the "
-                f"last good weights are in {run.run_dir / 'checkpoints'} (lower train.lr or check "
-                f"the data named in the log)"
+                f"{run.state.bad_steps} non-finite steps in a row (NaN/Inf loss or gradient; "
+                f"train.max_bad_steps={cfg.max_bad_steps}) at step {run.state.step}, the last on "
+                f"batch ids {', '.join(run.bad_batch_ids)}. None of them changed the weights: "
+                f"the last good ones are in {saved or run.run_dir / 'checkpoints'}. Check the "
+                f"files of those ids (colld data scan DIR --verify decodes every file) and the "
+                f"warnings above for the other skipped steps, or lower train.lr"
             )
         if not applied:
             continue
         run.state.step += 1
         run.state.epoch, run.state.batches_in_epoch = run.train.position()
         _after_step(run, out, grad_norm)
+    check_replicas(run)
     _save(run)
+
+
+def _log_batch_ids(run: Run, micro: int, batch: Batch) -> None:
+    """At debug level (``colld -v``): the utterances each process trains on, per update."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "batch ids: step=%d rank=%d micro=%d epoch=%d index=%d: %s",
+            run.state.step + 1,
+            run.accelerator.process_index,
+            micro,
+            batch.epoch,
+            batch.batch_index,
+            ",".join(batch.ids),
+        )
+
+
+def check_replicas(run: Run) -> bool:
+    """Whether every process holds bit-identical weights, as data parallelism must keep
+    them. Logs each process' fingerprint at debug level, and a warning when they differ."""
+    acc = run.accelerator
+    fingerprint = parameter_fingerprint(acc.unwrap_model(run.distiller).named_parameters())
+    log.debug(
+        "parameter fingerprint: step=%d rank=%d: %s", run.state.step, acc.process_index, fingerprint
+    )
+    if acc.num_processes == 1:
+        return True
+    everyone = gather_object([fingerprint])
+    if len(set(everyone)) == 1:
+        return True
+    log.warning(
+        "the processes' weights differ at step %d (parameter fingerprints by rank: %s); the "
+        "run directory holds the main process' weights",
+        run.state.step,
+        ", ".join(everyone),
+    )
+    return False
 
 
 def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
     cfg, step = run.cfg.train, run.state.step
     if step % cfg.log_every == 0 or step == cfg.max_steps:
         speed = run.logger.throughput(run.state.audio_seconds)
-        scalars = loss_scalars(out, "train")
+        # The global update's means (over micro-batches and processes), not one process' share.
+        scalars = mean_over_processes(loss_scalars(out, "train"), run.accelerator)
         scalars.update(
             {
                 "train/grad_norm": grad_norm,
@@ -338,7 +480,8 @@ def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
         run.logger.start_window(run.state.audio_seconds)
     if run.dev is not None and cfg.eval_every and step % cfg.eval_every == 0:
         evaluate_dev(run)
-    if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+    new_best = cfg.keep_best and run.state.best_step == step
+    if (step % cfg.ckpt_every == 0 or new_best) and step < cfg.max_steps:
         _save(run)
 
 
@@ -367,8 +510,9 @@ def evaluate_dev(run: Run) -> dict[str, float]:
     }
     run.logger.log(run.state.step, means)
     loss = means["dev/loss"]
-    if run.state.best_dev_loss is None or loss < run.state.best_dev_loss:
-        run.state.best_dev_loss = loss
+    best = run.state.best_dev_loss
+    if run.state.step > 0 and (best is None or loss < best):  # step 0: the untrained student
+        run.state.best_dev_loss, run.state.best_step = loss, run.state.step
     log.info(
         "step %d dev loss %.4f%s",
         run.state.step,
@@ -378,13 +522,15 @@ def evaluate_dev(run: Run) -> dict[str, float]:
     return means
 
 
-def _save(run: Run) -> None:
+def _save(run: Run) -> Path | None:
+    """Checkpoint the run (main process); returns the directory written (None elsewhere)."""
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
-        return
+        return None
     run.state.skipped_files.update(run.train.skipped())
     trainable = run.accelerator.unwrap_model(run.distiller).state_dict()
-    save_checkpoint(
+    best = run.state.best_step
+    return save_checkpoint(
         run.run_dir,
         trainable=trainable,
         optimizer=run.optimizer,
@@ -392,6 +538,7 @@ def _save(run: Run) -> None:
         state=run.state,
         config_yaml=yaml.safe_dump(to_dict(run.cfg), sort_keys=False),
         keep_last=run.cfg.train.keep_last,
+        keep_steps=(best,) if run.cfg.train.keep_best and best is not None else (),
     )
 
 
@@ -440,6 +587,8 @@ def distill(cfg: RunConfig, *, resume: bool = False) -> Path:
         every = run.cfg.train.eval_every
         if run.dev is not None and not (every and run.state.step % every == 0):
             evaluate_dev(run)  # the loop has not just done it
+            if run.cfg.train.keep_best and run.state.best_step == run.state.step:
+                _save(run)  # the final checkpoint's state now names itself the best
         student_dir = export(run)
         skipped = run.train.skipped()
         if skipped:
