@@ -111,3 +111,11 @@ def test_hardening_options() -> None:
     assert cfg.train.keep_best is False and cfg.train.deterministic is True
     with pytest.raises(ConfigError, match=r"train\.keep_best.*true or false"):
         load_config(None, ["train.keep_best=maybe"])
+
+
+def test_exponent_without_a_dot_is_a_number() -> None:
+    """YAML 1.1 reads 1e-4 as a string; float fields accept it (overrides and files alike)."""
+    cfg = load_config(None, ["train.lr=1e-4", "objective.tau=5E-2"])
+    assert cfg.train.lr == 1e-4 and cfg.objective.tau == 0.05
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["train.lr=fast"])
