@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from colld.config import QUICK_OVERRIDES, ConfigError, RunConfig, load_config
+from colld.errors import RunStoppedError
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -202,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"colld: error: {err}", file=sys.stderr)
         return 2
+    except RunStoppedError as err:
+        if args.verbose:
+            raise
+        print(f"colld: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_prediction_heads_and_l1cos_baselines_run(tmp_path: Path) -> None:
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_good_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A NaN loss never reaches the weights; N bad steps in a row stop the run cleanly."""
     from safetensors.torch import load_file
@@ -109,8 +109,9 @@ def test_non_finite_steps_are_skipped_then_stop_with_good_weights(
         return out
 
     monkeypatch.setattr(recipe, "distill_loss", poisoned)
-    with pytest.raises(recipe.BadStepsError, match="3 non-finite steps in a row"):
-        _run(tmp_path, "wav2vec2", "train.max_bad_steps=3")
+    code = main(_args(tmp_path, "wav2vec2", "train.max_steps=4", "train.max_bad_steps=3"))
+    assert code == 1  # stopped with a message, not a traceback
+    assert "3 non-finite steps in a row" in capsys.readouterr().err
     ckpt = list_checkpoints(tmp_path / "run-wav2vec2")[-1]
     assert ckpt.name == "step_00000000"  # no step was applied
     saved = load_file(str(ckpt / "trainable.safetensors"))

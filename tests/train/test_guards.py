@@ -96,7 +96,7 @@ def test_bad_updates_in_a_row_stop_with_a_message_and_a_resumable_checkpoint(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(recipe.BadStepsError) as stop:
-        main(_args(tmp_path, "train.max_steps=10", "train.max_bad_steps=1"))
+        main(["-v", *_args(tmp_path, "train.max_steps=10", "train.max_bad_steps=1")])
     message = str(stop.value)
     assert "1 non-finite steps in a row" in message and "train.max_bad_steps=1" in message
     assert "batch ids " in message and POISON in message  # the cause

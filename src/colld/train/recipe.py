@@ -25,6 +25,7 @@ from colld import __version__
 from colld.config import RunConfig, dump_config, to_dict
 from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
+from colld.errors import RunStoppedError
 from colld.objectives.objective import DistillObjective, LossOutput
 from colld.students.build import build_student, count_encoder_parameters
 from colld.students.export import export_student
@@ -67,7 +68,7 @@ RESUMABLE_CHANGES = {
 }
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(RunStoppedError):
     """Too many non-finite steps in a row."""
 
 
