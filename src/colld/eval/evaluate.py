@@ -31,7 +31,7 @@ import torch
 from colld import __version__
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.synth import PROBE_SPLITS, manifest_path
-from colld.eval.models import FBANK, describe, is_student_dir, load_model_spec
+from colld.eval.models import FBANK, describe, file_slug, is_student_dir, load_model_spec
 from colld.fsutil import write_json_atomic
 from colld.students.export import read_provenance
 
@@ -120,9 +120,7 @@ def load_probe_data(corpus_dir: str | Path) -> ProbeData:
 
 def result_path(out_dir: str | Path, spec: str) -> Path:
     """Where the result of ``spec`` goes: a file name made from its label."""
-    label = describe(spec)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_")
-    return Path(out_dir) / f"{safe}.json"
+    return Path(out_dir) / f"{file_slug(describe(spec))}.json"
 
 
 def model_kind(spec: str) -> str:

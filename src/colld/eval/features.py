@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from colld.audio import AudioError, FrontEnd, load_audio
 from colld.data.batch import pad_features
 from colld.data.manifest import Utterance
 from colld.encoders.base import SpeechEncoder
+from colld.eval.models import file_slug
 from colld.teachers.base import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ def extract_features(
     label = model_name or (FBANK_MODEL if model is None else model.source)
     key = cache_key(fingerprint, front_end, utterances)
     cache_path = (
-        None if cache_dir is None else Path(cache_dir) / f"{_slug(label)}-{key[:20]}.safetensors"
+        None
+        if cache_dir is None
+        else Path(cache_dir) / f"{file_slug(label)}-{key[:20]}.safetensors"
     )
     if cache_path is not None:
         cached = _read_cache(cache_path, key, fingerprint, utterances, label)
@@ -399,8 +401,3 @@ def _write_cache(path: Path, key: str, feature_set: FeatureSet) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     logger.info("features of %s written to %s", feature_set.model, path)
-
-
-def _slug(label: str) -> str:
-    """A file-name-safe version of a model label."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:60] or "model"

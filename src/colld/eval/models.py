@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from colld.students.export import DISTILL_HEADS_FILE, PROVENANCE_FILE, load_student
@@ -43,6 +44,11 @@ def load_model_spec(spec: str) -> LoadedModel | None:
             f"{found}); expected an exported student, a CTranslate2 or a HF model directory"
         )
     return load_teacher(spec)
+
+
+def file_slug(label: str) -> str:
+    """A file-name-safe version of a model label (result files, feature caches, plots)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:60] or "model"
 
 
 def describe(spec: str) -> str:

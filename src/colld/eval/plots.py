@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from colld.eval.models import file_slug  # noqa: E402
+
 if TYPE_CHECKING:
     from colld.eval.report import Comparison
 
@@ -34,10 +36,6 @@ def _save(fig: Any, out_dir: Path, name: str) -> list[str]:
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
     return [name]
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
 
 
 def _tradeoff(cmp: Comparison, out_dir: Path) -> list[str]:
@@ -118,7 +116,7 @@ def _cka(r: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_ylabel("student hidden state")
     ax.set_title(f"linear CKA, {r['label']}", fontsize=9)
     fig.colorbar(image, ax=ax)
-    return _save(fig, out_dir, f"cka_{_slug(r['label'])}.png")
+    return _save(fig, out_dir, f"cka_{file_slug(r['label'])}.png")
 
 
 def _training(r: dict[str, Any], out_dir: Path) -> list[str]:
@@ -141,4 +139,4 @@ def _training(r: dict[str, Any], out_dir: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"distillation of {r['label']}", fontsize=9)
-    return _save(fig, out_dir, f"training_{_slug(r['label'])}.png")
+    return _save(fig, out_dir, f"training_{file_slug(r['label'])}.png")
