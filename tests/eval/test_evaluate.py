@@ -131,3 +131,12 @@ def test_teacher_student_fbank_end_to_end_through_the_cli(
     assert main(["compare", *files, "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "student:run" in report and "![tradeoff.png](tradeoff.png)" in report
+
+
+def test_a_result_of_an_older_schema_is_recomputed_not_an_error(
+    corpus: Path, tmp_path: Path
+) -> None:
+    path = result_path(tmp_path, "fbank")
+    path.write_text(json.dumps({"schema": "colld-eval/1", "probes": {}}))
+    result = evaluate_model("fbank", _settings(corpus, efficiency=False), tmp_path)
+    assert json.loads(path.read_text())["schema"] == result["schema"] != "colld-eval/1"

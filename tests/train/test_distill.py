@@ -116,3 +116,15 @@ def test_non_finite_steps_are_skipped_then_stop_with_good_weights(
     assert ckpt.name == "step_00000000"  # no step was applied
     saved = load_file(str(ckpt / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_a_run_written_before_a_config_key_existed_still_continues(tmp_path: Path) -> None:
+    import yaml
+
+    run = _run(tmp_path, "whisper")
+    for ckpt in list_checkpoints(run):
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+        del saved["objective"]["batch_negatives"]  # as written by an older colld
+        (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(_args(tmp_path, "whisper", "train.max_steps=6")) == 0
+    assert list_checkpoints(run)[-1].name == "step_00000006"

@@ -153,7 +153,11 @@ def evaluate_model(
     fingerprint = loaded.fingerprint if loaded is not None else "fbank:whisper-log-mel-80"
     out_file = result_path(out_dir, spec)
     if reuse and out_file.is_file():
-        previous = _read_result(out_file)
+        try:
+            previous = _read_result(out_file)
+        except ValueError as err:  # another schema or a torn file: evaluate again
+            log.info("not reusing %s: %s", out_file, err)
+            previous = {}
         if _same_run(previous, fingerprint, data.fingerprint, settings):
             log.info("reusing %s (same model, corpus and settings)", out_file)
             return previous

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers import get_scheduler
 
 from colld import __version__
-from colld.config import RunConfig, dump_config, to_dict
+from colld.config import ConfigError, RunConfig, dump_config, from_dict, to_dict
 from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.errors import RunStoppedError
@@ -272,6 +272,10 @@ def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | No
             latest.name,
         )
     saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
+    try:  # keys added to colld since the run was written take their defaults, as they ran
+        saved = to_dict(from_dict(RunConfig, saved))
+    except ConfigError:
+        pass  # a key since removed or retyped: compare as written, it will be named
     changed = _config_differences(saved, to_dict(cfg)) - RESUMABLE_CHANGES
     if changed:
         raise ValueError(
