@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from colld.audio import FrontEnd
+from colld.audio import AudioError, FrontEnd
 from colld.data.augment import AugmentConfig
 from colld.data.batch import Batch, collate_waveforms, pad_features
 from colld.data.dataset import DataUnusableError, DistillDataset, check_usable, make_loader
@@ -113,6 +114,61 @@ def test_crop_is_a_reproducible_random_segment(tmp_path: Path, waveform_frontend
     batch = dataset[SampledBatch(epoch=3, index=0, utterances=[utt])]
     np.testing.assert_array_equal(batch.features[0].numpy(), dataset.prepare_waveform(utt, epoch=3))
     assert batch.durations.tolist() == [2.0]
+
+
+def _position(full: np.ndarray, piece: np.ndarray) -> int:
+    """The one start in ``full`` where ``piece`` lies (fails when it is not a single match)."""
+    (start,) = [
+        int(i)
+        for i in np.flatnonzero(full == piece[0])
+        if np.array_equal(full[i : i + piece.shape[0]], piece)
+    ]
+    return start
+
+
+def test_region_rows_read_exactly_and_crops_stay_inside(tmp_path: Path) -> None:
+    full = write_clip(tmp_path / "long.wav", 6.0, seed=5)
+    frontend = FrontEnd.for_family("wav2vec2", do_normalize=False)
+    exact = DistillDataset(tmp_path, frontend, max_duration=None)
+    head = Utterance(id="head", path="long.wav", duration=2.0, offset=0.0)
+    np.testing.assert_array_equal(exact.prepare_waveform(head, 0), full[: 2 * RATE])
+    whole = Utterance(id="whole", path="long.wav", duration=2.0)  # under-stated whole file
+    np.testing.assert_array_equal(exact.prepare_waveform(whole, 0), full)
+
+    cropping = DistillDataset(tmp_path, frontend, max_duration=0.5, seed=7)
+    middle = replace(head, id="middle", offset=3.0)
+    for region, first, last in ((head, 0, 2 * RATE), (middle, 3 * RATE, 5 * RATE)):
+        starts = set()
+        for epoch in range(8):
+            crop = cropping.prepare_waveform(region, epoch)
+            assert crop.shape == (RATE // 2,)
+            start = _position(full, crop)
+            assert first <= start and start + RATE // 2 <= last  # inside the region
+            starts.add(start)
+        assert len(starts) == 8  # seeded per epoch, still random
+        again = [cropping.prepare_waveform(region, epoch) for epoch in range(8)]
+        assert {_position(full, c) for c in again} == starts  # and reproducible
+
+
+def test_a_region_past_the_end_is_a_skip_naming_the_path(
+    tmp_path: Path, whisper_frontend: FrontEnd, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_clip(tmp_path / "a.wav", 2.0, seed=1)
+    past = Utterance(id="past", path="a.wav", duration=1.0, offset=2.5)
+    long_past = Utterance(id="long-past", path="a.wav", duration=3.0, offset=2.0)
+    good = Utterance(id="good", path="a.wav", duration=1.0, offset=1.0)
+    for max_duration in (None, 1.0):  # read exactly, and cropped
+        dataset = DistillDataset(tmp_path, whisper_frontend, max_duration=max_duration)
+        with pytest.raises(AudioError, match="past the end") as caught:
+            dataset.prepare_waveform(past, 0)
+        assert caught.value.path == str(tmp_path / "a.wav") and caught.value.reason == "empty"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="colld.data.dataset"):
+            batch = dataset[[past, good, long_past]]
+        assert batch.ids == ["good"]
+        assert batch.skip_reasons == {"past": "empty", "long-past": "empty"}
+        assert all(str(tmp_path / "a.wav") in r.getMessage() for r in caplog.records)
+        assert len(caplog.records) == 2
 
 
 def make_bad_files(root: Path) -> list[Utterance]:

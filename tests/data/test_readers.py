@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from colld.audio import SAMPLE_RATE
+from colld.audio import SAMPLE_RATE, FrontEnd
+from colld.data.dataset import DistillDataset
 from colld.data.manifest import Utterance, read_manifest, write_manifest
 from colld.data.readers import (
     ReaderError,
@@ -25,6 +26,7 @@ from colld.data.readers import (
     read_tsv,
     scan_directory,
 )
+from colld.testing import harmonic_tone
 
 
 def _tone(path: Path, seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
@@ -184,6 +186,45 @@ def test_read_jsonl_nothing_usable(tmp_path: Path) -> None:
         read_any(manifest)
 
 
+def test_manifest_offset_zero_is_a_region_and_no_offset_the_whole_file(tmp_path: Path) -> None:
+    rows = [
+        Utterance(id="head", path="a.wav", duration=1.5, offset=0.0),
+        Utterance(id="whole", path="a.wav", duration=4.0),
+        Utterance(id="mid", path="a.wav", duration=1.0, offset=2.0),
+    ]
+    path = write_manifest(rows, tmp_path / "m.jsonl")
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0])["offset"] == 0.0 and json.loads(lines[2])["offset"] == 2.0
+    assert lines[1] == (  # whole-file rows: the layout manifests had before regions existed
+        '{"id": "whole", "path": "a.wav", "duration": 4.0, "language": null, "voice": null, '
+        '"text": null, "text_en": null, "phonemes": null, "split": null, "sentence_id": null}'
+    )
+    read, problems = read_manifest(path)
+    assert read == rows and problems == []
+    assert [(u.is_region, u.start) for u in read] == [(True, 0.0), (False, 0.0), (True, 2.0)]
+
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        '{"id": "a", "path": "a.wav", "duration": 1.0}\n'
+        '{"id": "b", "path": "b.wav", "duration": 1.0, "offset": null}\n'
+        '{"id": "c", "path": "c.wav", "duration": 1.0, "offset": 0}\n'
+    )
+    read, _ = read_manifest(old)
+    assert [u.offset for u in read] == [None, None, 0.0]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"id": "x", "path": "x.wav", "duration": 1.0, "offset": -0.5}\n'
+        '{"id": "y", "path": "y.wav", "duration": 1.0, "offset": true}\n'
+        '{"id": "z", "path": "z.wav", "duration": 1.0, "offset": "0"}\n'
+    )
+    utterances, problems = read_manifest(bad)
+    assert utterances == []
+    assert [p.split(": field")[0] for p in problems] == [f"{bad}:{n}" for n in (1, 2, 3)]
+    assert all("'offset'" in p for p in problems)
+    assert "found -0.5" in problems[0] and "found True" in problems[1] and "'0'" in problems[2]
+
+
 # ---------------------------------------------------------------- TSV
 def test_read_tsv_with_header(tmp_path: Path) -> None:
     _tone(tmp_path / "wavs" / "a.wav", 1.0)
@@ -332,12 +373,14 @@ def test_read_lhotse_cutset(tmp_path: Path) -> None:
     cut_path, rec_path = _lhotse_manifests(tmp_path)
     utterances, _, problems = read_lhotse(cut_path)
     by_id = {u.id: u for u in utterances}
-    assert sorted(by_id) == ["cut-a", "rb", "st-both"]
+    assert sorted(by_id) == ["cut-a", "cut-a-seg", "rb", "st-both"]
     a = by_id["cut-a"]
     assert (a.text, a.language, a.voice, a.duration) == ("hello world", "en", "spk7", 2.0)
     assert Path(a.path) == (tmp_path / "wav" / "a.wav").absolute()
-    assert len(problems) == 4
-    assert any("cut-a-seg" in p and "no offset field" in p for p in problems)
+    assert a.offset is None and by_id["rb"].offset is None  # whole recordings: whole files
+    segment = by_id["cut-a-seg"]
+    assert (segment.offset, segment.duration, segment.path) == (0.5, 1.0, a.path)
+    assert len(problems) == 3
     assert any("st-left" in p and "channel" in p for p in problems)
     assert any("'url' source" in p for p in problems)
     assert any(":7:" in p and "not a lhotse cut" in p for p in problems)
@@ -362,6 +405,50 @@ def test_read_lhotse_relative_sources_and_nothing_usable(
     (tmp_path / "wav" / "a.wav").unlink()
     with pytest.raises(ReaderError, match=r"c\.jsonl: no usable utterances.*not found"):
         read_any(tmp_path / "c.jsonl")
+
+
+def test_read_lhotse_segments_load_exactly_their_samples(tmp_path: Path) -> None:
+    """Segments of a FLAC recording (one from 0.0 s, shorter than the recording) read as
+    regions; the dataset then loads exactly the samples soundfile reads for each."""
+    from lhotse import CutSet, MonoCut, Recording
+
+    flac = tmp_path / "long.flac"
+    sf.write(flac, harmonic_tone(3.0, np.random.default_rng(0)), SAMPLE_RATE)
+    recording = Recording.from_file(flac, recording_id="long")
+    whole = recording.to_cut()
+    segments = {
+        "head": (0.0, 1.25),  # starts at 0, shorter than the recording
+        "middle": (1.0, 0.75),
+        "tail": (2.5, 0.5),
+    }
+    cuts = [whole] + [
+        whole.truncate(offset=start, duration=seconds).with_id(name)
+        for name, (start, seconds) in segments.items()
+    ]
+    past = MonoCut(id="past", start=2.5, duration=1.0, channel=0, recording=recording)
+    path = tmp_path / "cuts.jsonl.gz"
+    CutSet.from_cuts([*cuts, past]).to_file(path)
+    utterances, root, problems = read_lhotse(path, verify=True)
+    by_id = {u.id: u for u in utterances}
+    assert sorted(by_id) == sorted([whole.id, *segments])
+    assert by_id[whole.id].offset is None
+    assert {name: (by_id[name].offset, by_id[name].duration) for name in segments} == segments
+    assert len(problems) == 1 and "'past'" in problems[0] and "past the end" in problems[0]
+
+    frontend = FrontEnd.for_family("wav2vec2", do_normalize=False)
+    dataset = DistillDataset(root, frontend, max_duration=None)
+    for name, (start, seconds) in segments.items():
+        first, num = round(start * SAMPLE_RATE), round(seconds * SAMPLE_RATE)
+        expected, _ = sf.read(flac, start=first, frames=num, dtype="float32")
+        np.testing.assert_array_equal(dataset.prepare_waveform(by_id[name], 0), expected)
+        lhotse_audio = next(c for c in cuts if c.id == name).load_audio()[0]
+        np.testing.assert_allclose(expected, lhotse_audio, atol=1e-6)  # what lhotse reads
+    assert dataset.prepare_waveform(by_id[whole.id], 0).shape == (3 * SAMPLE_RATE,)
+    batch = dataset[list(by_id.values())]
+    assert batch.feature_lengths.tolist() == [48000, 20000, 12000, 8000]
+
+    manifest = write_manifest(utterances, tmp_path / "segments.jsonl")
+    assert read_jsonl(manifest).utterances == utterances  # regions (from 0 too) survive
 
 
 # ---------------------------------------------------------------- Hugging Face datasets

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from colld.audio import FrontEnd, load_audio
 from colld.data.manifest import Utterance
-from colld.eval.features import FBANK_FINGERPRINT, extract_features
+from colld.eval.features import FBANK_FINGERPRINT, cache_key, extract_features
 from colld.teachers.base import LoadedModel
 from colld.teachers.hf import wrap_hf_teacher
 from colld.testing import tiny_model
@@ -73,6 +73,24 @@ def test_fbank_is_one_layer_of_80_bins_at_100_fps(tmp_path: Path) -> None:
     assert features.model == "fbank" and features.fingerprint == FBANK_FINGERPRINT
     assert features.frame_rate == 100.0
     assert [tuple(s.shape) for s in features.states] == [(1, 100, 80), (1, 50, 80)]
+
+
+def test_a_region_row_is_featurised_from_its_region_only(tmp_path: Path) -> None:
+    """A row that is a region of a longer file (a lhotse segment) gives the features of that
+    region, including a region that starts at 0 s; its cache key differs from the whole file's."""
+    (whole,) = _write_clips(tmp_path, [1.0])
+    head = Utterance(id="head", path=whole.path, duration=0.5, offset=0.0)
+    tail = Utterance(id="tail", path=whole.path, duration=0.25, offset=0.6)
+    features = extract_features(None, [whole, head, tail], tmp_path, show_progress=False)
+    assert [tuple(s.shape) for s in features.states] == [(1, 100, 80), (1, 50, 80), (1, 25, 80)]
+    front_end = FrontEnd.for_family("whisper")  # the fbank baseline's front end
+    audio = load_audio(tmp_path / whole.path, SAMPLE_RATE)
+    for row, states in zip([head, tail], features.states[1:], strict=True):
+        start = int(row.offset * SAMPLE_RATE)
+        region = audio[start : start + int(row.duration * SAMPLE_RATE)]
+        torch.testing.assert_close(states[0].float(), front_end(region), atol=2e-2, rtol=1e-2)
+    as_whole = Utterance(id="head", path=whole.path, duration=0.5)
+    assert cache_key("fp", front_end, [head]) != cache_key("fp", front_end, [as_whole])
 
 
 def test_bad_audio_is_skipped_and_recorded(tmp_path: Path) -> None:

@@ -133,3 +133,15 @@ def test_compare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad_paths = _write(tmp_path / "b", results) if (tmp_path / "b").mkdir() is None else []
     assert main(["compare", *map(str, bad_paths), "--out", str(out)]) == 2
     assert "different corpora" in capsys.readouterr().err
+
+
+def test_a_student_alone_has_no_score_and_a_named_missing_teacher_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """``colld evaluate STUDENT`` alone: the student's teacher is not among the files, so the
+    table has no score (not an error); naming a teacher that is absent is an error."""
+    student = _three(mimicry={"teacher": "whisper-base"})[2]
+    paths = _write(tmp_path, [student])
+    assert load_comparison(paths).scores == {}
+    with pytest.raises(CompareError, match="no result for the reference teacher 'whisper-base'"):
+        load_comparison(paths, teacher="whisper-base")

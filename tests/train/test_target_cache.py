@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from colld.data.target_cache import (
     PROGRESS_FILE,
     PartialCacheError,
     StaleCacheError,
+    data_record,
     layer_file,
     open_cache,
     plan_segments,
@@ -120,6 +122,24 @@ def test_long_utterances_become_consecutive_segments() -> None:
     short_tail = Utterance(id="t", path="t.wav", duration=6.005)
     assert [s.duration for s in plan_segments([short_tail], 3.0, RATE, 160)] == [3.0, 3.0]
     assert plan_segments([Utterance(id="s", path="s.wav", duration=0.005)], 3.0, RATE, 160) == []
+
+
+def test_whole_file_rows_keep_the_data_hash_of_caches_built_before_regions() -> None:
+    """Caches built when a whole file was offset 0 stay valid: a whole-file row hashes and
+    segments as the region from 0 it reads as; every segment is a region row."""
+    rows = [
+        Utterance(id="a", path="a.wav", duration=3.0),
+        Utterance(id="b", path="b.wav", duration=1.0, offset=2.0),
+    ]
+    old = hashlib.blake2b(digest_size=12)  # the format every existing fingerprint used
+    old.update(b"a\ta.wav\t0.000000\t3.000000\nb\tb.wav\t2.000000\t1.000000\n")
+    assert data_record(rows) == {"num_utterances": 2, "hash": old.hexdigest()}
+    segments = [s.as_utterance() for s in plan_segments(rows, 2.0, RATE, min_samples=160)]
+    assert [(s.id, s.offset, s.duration) for s in segments] == [
+        ("a#0", 0.0, 2.0),
+        ("a#1", 2.0, 1.0),
+        ("b#0", 2.0, 1.0),
+    ]
 
 
 # ---------------------------------------------------------------- building

@@ -5,9 +5,10 @@ audio, this dataset turns the batch request into tensors, and the DataLoader onl
 worker processes (``batch_size=None``). Teacher and student consume the same ``Batch``, so
 they see exactly the same (augmented) audio.
 
-Per utterance: ``load_audio`` (only the cropped segment is decoded when the manifest says the
-file is longer than ``max_duration``; a row with ``offset`` > 0 is read from that region only)
--> random crop to ``max_duration`` seeded by (seed, epoch, utterance id) -> augmentation
+Per utterance: load (``colld.data.utterance_audio``: a whole-file row is its file, a row with
+an ``offset`` is exactly its region, e.g. a lhotse segment of a longer recording; only the
+cropped part is decoded when the row is longer than ``max_duration``) -> random crop to
+``max_duration``, inside the region, seeded by (seed, epoch, utterance id) -> augmentation
 seeded the same way -> front end -> padding.
 
 With a teacher-target cache (``targets``) the rows are the cache's fixed segments: each is
@@ -39,6 +40,7 @@ from colld.data.batch import Batch, pad_features, pad_targets
 from colld.data.manifest import Utterance
 from colld.data.sampler import DurationBucketSampler, SampledBatch
 from colld.data.target_cache import TargetCache
+from colld.data.utterance_audio import load_region, load_utterance
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +142,7 @@ class DistillDataset(Dataset):
         (the targets would belong to other audio).
         """
         path = utt.resolved_path(self.root)
-        waveform = load_audio(
-            path, self.frontend.sample_rate, offset_s=utt.offset, duration_s=utt.duration
-        )
+        waveform = load_region(path, self.frontend.sample_rate, utt.start, utt.duration)
         expected = self.targets.row(utt.id)["num_samples"]
         if waveform.shape[0] != expected:
             raise ValueError(
@@ -155,8 +155,8 @@ class DistillDataset(Dataset):
     def prepare_waveform(self, utt: Utterance, epoch: int) -> np.ndarray:
         """Load, crop and augment one clip. Shape: (S,) float32, S <= max_samples.
 
-        Raises AudioError (with the path) for a file that cannot be used or a clip shorter
-        than the front end's ``min_samples``.
+        Raises AudioError (with the path) for a file that cannot be used, a region that
+        starts past the file's end, or a clip shorter than the front end's ``min_samples``.
         """
         path = utt.resolved_path(self.root)
         rate = self.frontend.sample_rate
@@ -181,16 +181,16 @@ class DistillDataset(Dataset):
         return waveform
 
     def _load_cropped(self, utt: Utterance, path: Path, rng: np.random.Generator) -> np.ndarray:
+        """The row's audio, or a random ``max_duration`` part of it inside
+        [start, start + duration). Shape: (S,) float32."""
         rate, duration = self.frontend.sample_rate, utt.duration
         if self.max_duration is None or duration <= self.max_duration:
-            if utt.offset > 0:  # a region of the file: exactly that
-                return load_audio(path, rate, offset_s=utt.offset, duration_s=duration)
-            return load_audio(path, rate)
-        offset_s = utt.offset + float(rng.uniform(0.0, duration - self.max_duration))
+            return load_utterance(utt, self.root, rate)
+        offset_s = utt.start + float(rng.uniform(0.0, duration - self.max_duration))
         try:
-            return load_audio(path, rate, offset_s=offset_s, duration_s=self.max_duration)
+            return load_region(path, rate, offset_s, self.max_duration)
         except AudioError as err:
-            if err.reason != "empty" or utt.offset > 0:
+            if err.reason != "empty" or utt.is_region:
                 raise
             # The file is shorter than the manifest says: read it whole, crop in memory.
             return load_audio(path, rate)
@@ -233,9 +233,10 @@ def check_usable(
 ) -> UsabilityReport:
     """Probe the data once at setup and fail clearly when nothing is usable.
 
-    Reads the header of every file (or of ``max_header_checks`` drawn at random) and fully
-    decodes up to ``max_decodes`` of those that passed (NaN samples and corrupt bodies only
-    show when decoding); a decoded clip shorter than ``min_samples`` counts as unusable.
+    Reads the header of every file (or of ``max_header_checks`` drawn at random) and decodes
+    up to ``max_decodes`` of the rows that passed (the whole file, or a region row's region
+    only; NaN samples and corrupt bodies only show when decoding); a decoded clip shorter
+    than ``min_samples`` counts as unusable.
     Raises DataUnusableError naming ``root`` when no probed file is
     usable; logs one warning with counts and examples when some are not.
     """
@@ -258,7 +259,7 @@ def check_usable(
     for utt in decoded:
         path = utt.resolved_path(root)
         try:
-            num_samples = load_audio(path, sample_rate).shape[0]
+            num_samples = load_utterance(utt, root, sample_rate).shape[0]
         except AudioError as err:
             problems[utt.id] = f"{err.reason}: {err}"
             continue

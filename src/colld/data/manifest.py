@@ -7,10 +7,12 @@ Row fields (JSON types):
     phonemes (str | null: IPA phonemes from espeak-ng, space-separated),
     split (str: "train", "dev", "probe-train", "probe-dev", "probe-test"),
     sentence_id (str | null: the same id across languages for a parallel sentence),
-    offset (float >= 0, optional, default 0: seconds into the file where the utterance starts).
-A row with ``offset`` > 0 is the region [offset, offset + duration) of its file; a row at
-offset 0 is the file from its start (readers tolerate a duration that under-states the file).
-The field is written only when it is not 0, so whole-file manifests stay as they were.
+    offset (float >= 0, optional: seconds into the file where the utterance starts).
+A row with an ``offset`` (0 included) is exactly the region [offset, offset + duration) of its
+file, e.g. a segment of a longer recording. A row without one (or with ``null``) is the whole
+file: readers decode it from its start and tolerate a duration that under-states the file
+(training then crops in memory). The field is written only when it is set, so whole-file
+manifests stay byte for byte as they were before regions existed.
 
 Path safety: a relative ``path`` must stay inside the corpus root, the manifest's folder or,
 for colld's corpus layout (``<corpus>/manifests/*.jsonl`` and ``<corpus>/lhotse/`` beside
@@ -37,6 +39,12 @@ _OPTIONAL_STR = ("language", "voice", "text", "text_en", "phonemes", "split", "s
 
 @dataclass
 class Utterance:
+    """One manifest row (fields in the module docstring).
+
+    offset: None = the whole file; a number of seconds (0 included) = exactly the region
+        [offset, offset + duration) of the file.
+    """
+
     id: str
     path: str
     duration: float
@@ -47,7 +55,17 @@ class Utterance:
     phonemes: str | None = None
     split: str | None = None
     sentence_id: str | None = None
-    offset: float = 0.0
+    offset: float | None = None
+
+    @property
+    def is_region(self) -> bool:
+        """True when the row is exactly [offset, offset + duration), not the whole file."""
+        return self.offset is not None
+
+    @property
+    def start(self) -> float:
+        """Seconds into the file where the audio starts: the offset, 0 for a whole file."""
+        return 0.0 if self.offset is None else self.offset
 
     def resolved_path(self, root: Path) -> Path:
         path = Path(self.path)
@@ -104,17 +122,16 @@ def row_to_utterance(row: object, where: str) -> Utterance:
             raise ManifestError(
                 f"{where}: field '{key}' should be a string or null, found {type(value).__name__}"
             )
-    offset = row.get("offset", 0.0)
-    if offset is None:
-        offset = 0.0
+    offset = row.get("offset")
     number = isinstance(offset, int | float) and not isinstance(offset, bool)
-    if not number or not math.isfinite(offset) or offset < 0:
+    if offset is not None and (not number or not math.isfinite(offset) or offset < 0):
         raise ManifestError(
-            f"{where}: field 'offset' should be a number of seconds >= 0, found {offset!r}"
+            f"{where}: field 'offset' should be a number of seconds >= 0 (a region) or absent "
+            f"(the whole file), found {offset!r}"
         )
     known = {f.name for f in fields(Utterance)}
     values = {k: v for k, v in row.items() if k in known}
-    values["offset"] = float(offset)
+    values["offset"] = None if offset is None else float(offset)
     return Utterance(**values)
 
 
@@ -165,7 +182,7 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
 def iter_rows(utterances: Iterable[Utterance]) -> Iterator[str]:
     for utt in utterances:
         row = asdict(utt)
-        if not row["offset"]:
+        if row["offset"] is None:
             del row["offset"]  # whole-file rows keep the original layout
         yield json.dumps(row, ensure_ascii=False)
 

@@ -7,8 +7,10 @@ audio, missing files, missing or wrong-typed fields, non-positive durations, dup
 (the first is kept), and relative paths that lead outside the corpus root (``../../x``; see
 ``colld.data.manifest``: the manifest's folder, the TSV's audio root, fairseq's root line, the
 dataset folder, or lhotse's working directory / manifest folder; absolute paths are allowed).
-A reader raises ``ReaderError`` naming the input when nothing usable is left. ``verify=True`` also decodes every file (``load_audio``), which catches corrupt bodies
-and NaN/Inf samples that a header alone does not show; it costs a full decode of the corpus.
+A reader raises ``ReaderError`` naming the input when nothing usable is left.
+``verify=True`` also decodes every row (its whole file, or a region row's region), which
+catches corrupt bodies, NaN/Inf samples and regions past the file's end that a header alone
+does not show; it costs a full decode of the corpus.
 
 Layouts: a directory of audio files, colld's JSONL manifest, TSV (header with a path/audio
 column, or fairseq's root-line layout), lhotse CutSet/RecordingSet (.jsonl or .jsonl.gz), and a
@@ -31,7 +33,7 @@ from typing import Any, NamedTuple
 
 import soundfile as sf
 
-from colld.audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, audio_duration, load_audio
+from colld.audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, audio_duration
 from colld.data.manifest import (
     CORPUS_SUBFOLDERS,
     Utterance,
@@ -41,6 +43,7 @@ from colld.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from colld.data.utterance_audio import load_utterance
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def _finish(
             continue
         if verify:
             try:
-                load_audio(audio)
+                load_utterance(utt, root, SAMPLE_RATE)
             except AudioError as err:
                 problems.append(f"{where}: id '{utt.id}': {err}")
                 continue
@@ -356,12 +359,15 @@ def _read_fairseq_tsv(
 def read_lhotse(path: str | Path, *, verify: bool = False) -> ReadResult:
     """A lhotse CutSet or RecordingSet manifest (.jsonl or .jsonl.gz), one Utterance per cut.
 
-    Only cuts that cover a whole single-file recording are kept: ``Utterance`` has no offset
-    or channel field, so a cut that is a segment of a longer recording, one channel of a
-    multi-channel file, or audio behind a transform (speed, volume...) is skipped with a
-    problem line. Text, language and speaker come from the cut's supervisions. Relative
-    source paths follow lhotse (relative to the working directory), falling back to the
-    manifest's folder; paths are returned absolute.
+    A cut that covers its whole recording becomes a whole-file row (``offset`` None); a cut
+    that is a segment of a longer recording becomes the region row ``offset=cut.start``,
+    ``duration=cut.duration`` (a segment starting at 0 s included). Skipped with a problem
+    line: a segment reaching past its recording's end, one channel of a multi-channel file
+    (``Utterance`` has no channel field; all channels are averaged), audio behind a transform
+    other than Resample (speed, volume...), recordings that are not one local file. Text,
+    language and speaker come from the cut's supervisions. Relative source paths follow
+    lhotse (relative to the working directory), falling back to the manifest's folder; paths
+    are returned absolute.
     """
     from lhotse import Recording  # lhotse is a core dependency; imported here to keep startup light
     from lhotse.cut import MonoCut, MultiCut
@@ -452,13 +458,13 @@ def _cut_to_utterance(
         problems.append(f"{where}: cut '{cut.id}' has no recording")
         return None
     tolerance = 1.5 / recording.sampling_rate
-    if cut.start > tolerance or abs(cut.duration - recording.duration) > tolerance:
+    if cut.start + cut.duration > recording.duration + tolerance:
         problems.append(
-            f"{where}: cut '{cut.id}' is a segment ({cut.start:.3f} s + {cut.duration:.3f} s) "
-            f"of recording '{recording.id}' ({recording.duration:.3f} s); colld manifests hold "
-            f"whole files only (Utterance has no offset field)"
+            f"{where}: cut '{cut.id}' ({cut.start:.3f} s + {cut.duration:.3f} s) reaches past "
+            f"the end of recording '{recording.id}' ({recording.duration:.3f} s)"
         )
         return None
+    whole = cut.start <= tolerance and abs(cut.duration - recording.duration) <= tolerance
     channels = cut.channel if isinstance(cut.channel, list) else [cut.channel]
     if recording.num_channels > 1 and sorted(channels) != sorted(recording.channel_ids):
         problems.append(
@@ -475,6 +481,7 @@ def _cut_to_utterance(
         id=cut.id,
         path=str(audio),
         duration=float(cut.duration),
+        offset=None if whole else float(cut.start),
         text=" ".join(texts) or None,
         language=_single({s.language for s in supervisions}),
         voice=_single({s.speaker for s in supervisions}),

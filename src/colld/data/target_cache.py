@@ -1,12 +1,14 @@
 """The teacher-target cache on disk: fixed segments of a corpus and the teacher's targets.
 
 The teacher always sees exactly the segment the student sees, so targets can only be cached
-for segments fixed in advance: every utterance (the region [offset, offset + duration) of its
-file) is cut into consecutive segments of ``segment_seconds`` (``data.max_duration``),
-counted in samples at the front end's rate; the remainder becomes a last, shorter segment
-when it holds at least the front end's shortest clip (``FrontEnd.min_samples``: 10 ms for
-Whisper's log-mel, 25 ms for waveform families, 35 ms for w2v-BERT), and is dropped
-otherwise. Cached training uses these segments whole (no random crops).
+for segments fixed in advance: every utterance (the first ``duration`` seconds of a whole-file
+row, the region [offset, offset + duration) of a region row) is cut into consecutive segments
+of ``segment_seconds`` (``data.max_duration``), counted in samples at the front end's rate;
+the remainder becomes a last, shorter segment when it holds at least the front end's shortest
+clip (``FrontEnd.min_samples``: 10 ms for Whisper's log-mel, 25 ms for waveform families,
+35 ms for w2v-BERT), and is dropped otherwise. Cached training uses these segments whole (no
+random crops); each is a region row (``Utterance.offset`` set, 0 included), read exactly by
+the build and by training (``colld.data.utterance_audio.load_region``).
 
 A cache directory holds
     fingerprint.json   what the targets depend on (``COMPARED_KEYS``) plus provenance
@@ -116,7 +118,7 @@ def plan_segments(
             segment = Segment(
                 utterance=utt,
                 index=index,
-                offset=utt.offset + start / sample_rate,
+                offset=utt.start + start / sample_rate,
                 duration=length / sample_rate,
             )
             if segment.id in seen:
@@ -127,10 +129,14 @@ def plan_segments(
 
 
 def data_record(utterances: Sequence[Utterance]) -> dict[str, Any]:
-    """Count and hash of the utterances (id, path, offset, duration, in order)."""
+    """Count and hash of the utterances (id, path, start, duration, in order).
+
+    A whole-file row hashes as a region from 0 (its ``start``): both plan the same segments,
+    and caches built before regions existed (when every row had a number here) stay valid.
+    """
     digest = hashlib.blake2b(digest_size=12)
     for utt in utterances:
-        digest.update(f"{utt.id}\t{utt.path}\t{utt.offset:.6f}\t{utt.duration:.6f}\n".encode())
+        digest.update(f"{utt.id}\t{utt.path}\t{utt.start:.6f}\t{utt.duration:.6f}\n".encode())
     return {"num_utterances": len(utterances), "hash": digest.hexdigest()}
 
 

@@ -12,7 +12,7 @@ over the padded length too, so they are run one clip at a time.
 
 Cache: with ``cache_dir``, one safetensors file per (model fingerprint, front end, utterance
 list). Its key hashes the fingerprint, the front end's settings and the (id, path, duration) of
-every row; the metadata (JSON under ``colld_features``) repeats key, model, fingerprint,
+every row (and a region row's offset); the metadata (JSON under ``colld_features``) repeats key, model, fingerprint,
 frame rate, ids and skipped ids, and a file whose metadata does not match is never used.
 
 Shape legend: see ``colld.encoders.base`` (L layers, T frames, D width, F front-end frames).
@@ -36,9 +36,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from colld.audio import AudioError, FrontEnd, load_audio
+from colld.audio import AudioError, FrontEnd
 from colld.data.batch import pad_features
 from colld.data.manifest import Utterance
+from colld.data.utterance_audio import load_utterance
 from colld.encoders.base import SpeechEncoder
 from colld.eval.models import file_slug
 from colld.teachers.base import LoadedModel
@@ -259,10 +260,11 @@ def plan_batches(durations: Sequence[float], max_seconds: float) -> list[list[in
 
 
 def _clip_features(utt: Utterance, root: Path, front_end: FrontEnd) -> Tensor:
-    """Front-end output of one row. Shape: (F, C) or (S,). Raises AudioError."""
+    """Front-end output of one row (its whole file or exactly its region). Shape: (F, C) or
+    (S,). Raises AudioError."""
     path = utt.resolved_path(Path(root))
     try:
-        return front_end(load_audio(path, front_end.sample_rate))
+        return front_end(load_utterance(utt, root, front_end.sample_rate))
     except AudioError as err:
         if err.path is None:  # the front end's errors do not know the file
             raise AudioError(path, err.cause, reason=err.reason) from err
@@ -302,14 +304,21 @@ def _skip(skipped: dict[str, str], utt: Utterance, reason: str) -> None:
 
 
 # ---------------------------------------------------------------- cache
+def _row_key(u: Utterance) -> list[object]:
+    """A row's part of the cache key; whole-file rows keep the key they had before regions."""
+    key: list[object] = [u.id, u.path, round(float(u.duration), 6)]
+    return [*key, round(float(u.start), 6)] if u.is_region else key
+
+
 def cache_key(fingerprint: str, front_end: FrontEnd, utterances: Sequence[Utterance]) -> str:
     """sha256 over the model fingerprint, the front end's settings and every (id, path,
-    duration) in order: a different model, front end or utterance list gives another key."""
+    duration[, offset of a region row]) in order: a different model, front end or utterance
+    list gives another key."""
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
         "front_end": front_end_signature(front_end),
-        "utterances": [[u.id, u.path, round(float(u.duration), 6)] for u in utterances],
+        "utterances": [_row_key(u) for u in utterances],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -91,27 +91,25 @@ def _check_comparable(results: list[dict[str, Any]], files: list[Path]) -> None:
 
 
 def _find_teacher(results: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
-    """The reference teacher: ``name``, else the teacher the students were distilled from,
-    else the only teacher result."""
-    if name is None:
-        named = {
-            (r.get("mimicry") or {}).get("teacher")
-            for r in results
-            if r["kind"] == "student" and (r.get("mimicry") or {}).get("teacher")
-        }
-        if len(named) > 1:
-            raise CompareError(f"students were distilled from different teachers {sorted(named)}")
-        teachers = [r for r in results if r["kind"] == "teacher"]
-        if named:
-            name = named.pop()
-        elif len(teachers) == 1:
-            return teachers[0]
-        else:
-            return None
-    for r in results:
-        if r["model"] == name:
-            return r
-    raise CompareError(f"no result for the reference teacher '{name}' among the files")
+    """The reference teacher: ``name`` (an error when absent), else the teacher the students
+    were distilled from, else the only teacher result; None (no score) when the files hold no
+    such result, e.g. ``colld evaluate STUDENT`` alone."""
+    by_model = {r["model"]: r for r in results}
+    if name is not None:
+        if name not in by_model:
+            raise CompareError(f"no result for the reference teacher '{name}' among the files")
+        return by_model[name]
+    named = {
+        (r.get("mimicry") or {}).get("teacher")
+        for r in results
+        if r["kind"] == "student" and (r.get("mimicry") or {}).get("teacher")
+    }
+    if len(named) > 1:
+        raise CompareError(f"students were distilled from different teachers {sorted(named)}")
+    if named:
+        return by_model.get(named.pop())
+    teachers = [r for r in results if r["kind"] == "teacher"]
+    return teachers[0] if len(teachers) == 1 else None
 
 
 # ----------------------------------------------------------------------------- markdown

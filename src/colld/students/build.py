@@ -30,10 +30,16 @@ anything HF runs after the encoder (w2v-BERT's ``adapter`` / ``intermediate_ffn`
 Initialisation (one policy for every shape, so comparing shapes does not compare inits):
     "random" (default): HF's own ``_init_weights`` for that class, under
         ``torch.manual_seed(seed)`` (the global RNG is left as it was).
-    "teacher": the random init, then where widths match (width, heads and FFN) the front end
-        (convs, feature projection, positional conv / table, mask embedding), the final layer
-        norm and teacher layer m(i) = ceil(i * L_T / L_S) for student layer i (every k-th layer
-        for k = L_T / L_S) are copied. Mismatched widths raise an error.
+    "teacher": the random init, then the front end (convs, feature projection, positional
+        conv / table, HF's ``masked_spec_embed``; Whisper's mask embedding is colld's own and
+        stays random), the final layer norm and teacher layer m(i) = ceil(i * L_T / L_S) for
+        student layer i (every k-th layer for k = L_T / L_S) are copied. Where the student is narrower (width, FFN), every tensor keeps the first
+        n entries of each smaller axis ("weight selection", Xu et al. 2024, "Initializing
+        Models with Larger Ones"): one rule for every axis, so the residual stream keeps the
+        same n dimensions in every layer, norm and position column and the layers still
+        agree with each other; taking the first n (not every k-th) keeps whole attention
+        heads where the head size allows. With the teacher's widths this is an exact copy.
+        A student axis larger than the teacher's raises an error naming the tensor.
 
 LayerDrop is set to 0 (layer-to-layer distillation needs every layer), HF's own random
 SpecAugment is disabled (``mask_feature_prob = 0``, ``mask_time_prob > 0`` only so that
@@ -111,8 +117,8 @@ class StudentSpec:
     preset: "deep-narrow" (teacher's depth, narrower) or "shallow-wide" (teacher's width,
         2 layers, narrower FFN) at the same parameter count.
     num_layers, hidden_dim, num_heads, ffn_dim: explicit sizes; override the preset.
-    init: "random" (HF init under the seed) or "teacher" (copy front end and every k-th layer;
-        widths must match).
+    init: "random" (HF init under the seed) or "teacher" (front end and every k-th layer from
+        the teacher, narrower axes keep their first n entries).
     compression: teacher parameters / student parameters the presets aim at.
     """
 
@@ -259,21 +265,12 @@ def student_config(teacher_config: Any, sizes: StudentSizes) -> Any:
 
 
 def copy_teacher_weights(teacher: SpeechEncoder, student: SpeechEncoder) -> None:
-    """Copy the front end, final norm and teacher layer m(i) into student layer i.
+    """Initialise the student from the teacher: front end, final norm and teacher layer m(i)
+    into student layer i; axes where the student is smaller keep their first n entries.
 
-    Raises ValueError when widths (width, heads, FFN) differ.
+    Raises ValueError when a student tensor is larger than its teacher tensor on some axis.
     """
     t_sizes, s_sizes = teacher_sizes(teacher), teacher_sizes(student)
-    mismatched = [
-        f"{name} {getattr(s_sizes, name)} (teacher {getattr(t_sizes, name)})"
-        for name in ("hidden_dim", "num_heads", "ffn_dim")
-        if getattr(s_sizes, name) != getattr(t_sizes, name)
-    ]
-    if mismatched:
-        raise ValueError(
-            "init='teacher' copies teacher layers and needs the teacher's widths; the student "
-            f"has {', '.join(mismatched)}. Use init='random' or the teacher's widths"
-        )
     prefix = _fields(teacher.model.config).layer_prefix
     layer_map = uniform_layer_map(s_sizes.num_layers, t_sizes.num_layers)
     teacher_state = teacher.model.state_dict()
@@ -291,14 +288,30 @@ def copy_teacher_weights(teacher: SpeechEncoder, student: SpeechEncoder) -> None
         if source not in teacher_state:
             logger.info("init='teacher': %s has no teacher counterpart; kept random", name)
             continue
-        if teacher_state[source].shape != tensor.shape:
-            raise ValueError(
-                f"init='teacher': student {name} {tuple(tensor.shape)} != teacher {source} "
-                f"{tuple(teacher_state[source].shape)}"
-            )
-        copied[name] = teacher_state[source].to(tensor.dtype)
+        copied[name] = _select(teacher_state[source], tensor.shape, name, source)
     student.model.load_state_dict(copied, strict=False)
-    logger.info("init='teacher': copied teacher layers %s", layer_map)
+    narrowed = sorted(
+        {f"{t} -> {s}" for t, s in zip(_axes(t_sizes), _axes(s_sizes), strict=True) if t != s}
+    )
+    logger.info(
+        "init='teacher': copied teacher layers %s%s", layer_map,
+        f"; kept the first entries of narrower axes ({', '.join(narrowed)})" if narrowed else "",
+    )  # fmt: skip
+
+
+def _axes(sizes: StudentSizes) -> tuple[int, int]:
+    return sizes.hidden_dim, sizes.ffn_dim
+
+
+def _select(source: torch.Tensor, shape: torch.Size, name: str, source_name: str) -> torch.Tensor:
+    """The first ``shape[d]`` entries of ``source`` along every axis d (weight selection)."""
+    if source.dim() != len(shape) or any(s > t for s, t in zip(shape, source.shape)):
+        raise ValueError(
+            f"init='teacher': student {name} {tuple(shape)} does not fit in teacher "
+            f"{source_name} {tuple(source.shape)}; every student axis must be at most the "
+            "teacher's (use init='random' for a student wider than its teacher on some axis)"
+        )
+    return source[tuple(slice(0, size) for size in shape)].clone()
 
 
 # --- sizing helpers --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from colld import __version__
-from colld.audio import AudioError, FrontEnd, load_audio
+from colld.audio import AudioError, FrontEnd
 from colld.config import ConfigError, RunConfig, dump_config
 from colld.data.augment import Augmenter
 from colld.data.batch import pad_features
@@ -45,6 +45,7 @@ from colld.data.target_cache import (
     open_cache,
     plan_segments,
 )
+from colld.data.utterance_audio import load_region
 from colld.students.build import resolve_student_sizes
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.data_setup import resolve_sources
@@ -162,12 +163,8 @@ class _ChunkDataset(Dataset):
         for segment in self.chunks[index]:
             path = segment.utterance.resolved_path(self.root)
             try:
-                waveform = load_audio(
-                    path,
-                    self.frontend.sample_rate,
-                    offset_s=segment.offset,
-                    duration_s=segment.duration,
-                )
+                rate = self.frontend.sample_rate
+                waveform = load_region(path, rate, segment.offset, segment.duration)
                 out.append((segment, self.frontend(waveform), waveform.shape[0], None))
             except (AudioError, OSError) as err:
                 reason = f"{getattr(err, 'reason', 'unreadable')}: {err}"
@@ -242,12 +239,15 @@ def build_cache(
     teacher: LoadedModel | None = None,
     chunk_seconds: float | None = None,
     progress: bool = True,
+    layers: list[int] | None = None,
 ) -> CacheSummary:
     """Build (or complete) the teacher-target cache of ``cfg``'s training data in ``out_dir``
     (default ``data.target_cache``). Idempotent: a complete cache is left as it is; a partial
     one continues after its last committed chunk. ``chunk_seconds``: audio per committed
     chunk (default 4 x ``data.batch_seconds``). Raises ConfigError with augmentation on and
-    StaleCacheError when ``out_dir`` holds a cache built for another config."""
+    StaleCacheError when ``out_dir`` holds a cache built for another config. ``layers``: the
+    teacher layers to store (None = those ``cfg``'s objective maps to); a superset lets runs
+    with other layer maps share the cache (``colld experiment`` stores its grid's union)."""
     out = out_dir if out_dir is not None else cfg.data.target_cache
     if out is None:
         raise ConfigError("no cache directory: give --out DIR or set data.target_cache")
@@ -265,7 +265,7 @@ def build_cache(
             revision=cfg.teacher.revision,
         )
     frontend = FrontEnd(teacher.feature_extractor)
-    layers = cache_teacher_layers(cfg, teacher)
+    layers = sorted(set(layers)) if layers is not None else cache_teacher_layers(cfg, teacher)
     (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
     fingerprint = run_fingerprint(cfg, teacher, layers, utterances, frontend)
     segments = plan_segments(
