@@ -85,6 +85,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from colld.experiments.runner import Options, run_experiment
+
+    cells = tuple(args.cells.split(",")) if args.cells else ()
+    run_experiment(Options(args.name, args.quick, args.out, cells, args.runs))
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from colld.data.synth import SynthConfig, synthesize_corpus
 
@@ -158,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="demo folder (default runs/demo, runs/demo-quick)")
     p.add_argument("overrides", nargs="*", help="distillation config overrides like a.b=c")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run a grid of distillations (configs/experiments/NAME.yaml), evaluate every "
+        "student and write docs/results/NAME.md; reruns skip finished cells",
+    )
+    p.add_argument("name", help="a grid of configs/experiments (ablation, ...) or a YAML path")
+    p.add_argument("--quick", action="store_true", help="tiny runs, 1 seed, quick probes")
+    p.add_argument("--out", default=None, help="results folder (default docs/results; quick: "
+                   "runs/experiments-quick/results)")  # fmt: skip
+    p.add_argument("--cells", default=None, help="comma-separated subset of the grid's cells")
+    p.add_argument("--runs", default=None, help="runs folder (default runs/experiments; quick: "
+                   "runs/experiments-quick)")  # fmt: skip
+    p.set_defaults(func=_experiment)
 
     data = sub.add_parser("data", help="corpus tools").add_subparsers(
         dest="data_cmd", required=True

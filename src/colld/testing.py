@@ -181,3 +181,55 @@ def write_tones(
     for i, seconds in enumerate(durations):
         sf.write(out / f"{prefix}{i}.wav", harmonic_tone(seconds, rng), 16000)
     return out
+
+
+_FAKE_METRICS = {"lid": "accuracy", "sid": "accuracy", "pr": "per", "char": "cer"}
+
+
+def fake_result(
+    label: str,
+    kind: str,
+    values: dict[str, float],
+    *,
+    corpus: str = "abc",
+    parameters: float = 1e6,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A made-up evaluation result (schema of ``colld.eval.evaluate``) with probe means
+    ``values`` per task, for tests of what reads results (reports, experiment pages)."""
+    from colld.eval.evaluate import SCHEMA, EvalSettings
+
+    return {
+        "schema": SCHEMA,
+        "model": label,
+        "label": label,
+        "kind": kind,
+        "fingerprint": f"fp-{label}",
+        "corpus": {
+            "dir": "data/corpus",
+            "fingerprint": corpus,
+            "utterances": {"probe-train": 10, "probe-dev": 4, "probe-test": 4},
+        },
+        "probes": {
+            task: {
+                "metric": _FAKE_METRICS[task],
+                "mean": value,
+                "std": 0.001,
+                "per_language": {"de": value, "en": value / 2},
+                "layer_weights": [0.5, 0.3, 0.2],
+            }
+            for task, value in values.items()
+        },
+        "settings": {**EvalSettings().key(), "tasks": list(values)},
+        "machine": {"processor": "x86_64", "cpus": 2, "torch": "2.13.0"},
+        "created": "2026-11-26T04:00:00",
+        "efficiency": {
+            "parameters": parameters if kind != "fbank" else 0,
+            "flops_per_audio_second": 2e9,
+            "rtf_batch1": 0.01,
+            "rtf_batched": 0.005,
+            "latency_batch1_s": 0.1,
+        },
+        "mimicry": None,
+        **extra,
+    }

@@ -5,48 +5,14 @@ from typing import Any
 import pytest
 
 from colld.cli import main
-from colld.eval.evaluate import SCHEMA, EvalSettings
 from colld.eval.report import CompareError, load_comparison, write_report
+from colld.testing import fake_result
 
 
 def _result(
     label: str, kind: str, values: dict[str, float], *, corpus: str = "abc", **extra: Any
 ) -> dict[str, Any]:
-    metrics = {"lid": "accuracy", "sid": "accuracy", "pr": "per", "char": "cer"}
-    return {
-        "schema": SCHEMA,
-        "model": label,
-        "label": label,
-        "kind": kind,
-        "fingerprint": f"fp-{label}",
-        "corpus": {
-            "dir": "data/corpus",
-            "fingerprint": corpus,
-            "utterances": {"probe-train": 10, "probe-dev": 4, "probe-test": 4},
-        },
-        "probes": {
-            task: {
-                "metric": metrics[task],
-                "mean": value,
-                "std": 0.001,
-                "per_language": {"de": value, "en": value / 2},
-                "layer_weights": [0.5, 0.3, 0.2],
-            }
-            for task, value in values.items()
-        },
-        "settings": EvalSettings().key(),
-        "machine": {"processor": "x86_64", "cpus": 2, "torch": "2.13.0"},
-        "created": "2026-11-26T04:00:00",
-        "efficiency": {
-            "parameters": 1e6 if kind != "fbank" else 0,
-            "flops_per_audio_second": 2e9,
-            "rtf_batch1": 0.01,
-            "rtf_batched": 0.005,
-            "latency_batch1_s": 0.1,
-        },
-        "mimicry": None,
-        **extra,
-    }
+    return fake_result(label, kind, values, corpus=corpus, **extra)
 
 
 def _write(tmp_path: Path, results: list[dict[str, Any]]) -> list[Path]:
