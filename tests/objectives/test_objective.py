@@ -65,12 +65,24 @@ def test_config_defaults_match_method() -> None:
         ({"pair_weights": [1.0, -1.0, 1.0, 1.0]}, r"pair_weights\[1\] = -1\.0 must be >= 0"),
         ({"pair_weights": [0.0, 0.0, 0.0, 0.0]}, r"all 0"),
         ({"l1cos_lambda": -1.0}, r"l1cos_lambda"),
+        ({"head_init": "eye"}, r"head_init = 'eye'; expected one of \('random', 'select'\)"),
+        ({"head_init": "select", "head_hidden_dim": 16}, r"'select' needs single-Linear heads"),
     ],
 )
 def test_validate_rejects_bad_values(overrides: dict, message: str) -> None:
     config = dataclasses.replace(ObjectiveConfig(), **overrides)
     with pytest.raises(ValueError, match=message):
         config.validate(NUM_STUDENT, NUM_TEACHER)
+
+
+def test_select_heads_put_the_student_dims_on_the_teachers_first_dims() -> None:
+    objective = _objective(head_init="select")
+    states = _states(0, range(1, NUM_STUDENT + 1), STUDENT_DIM)
+    for prediction, (i, _) in zip(objective.heads(states), objective.pairs, strict=True):
+        assert torch.equal(prediction[..., :STUDENT_DIM], states[i])
+        assert not prediction[..., STUDENT_DIM:].any()
+    random_heads = _objective()
+    assert not torch.equal(random_heads.heads(states)[0][..., :STUDENT_DIM], states[1])
 
 
 def test_layer_bookkeeping_layer_to_layer_and_prediction_heads() -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from colld.objectives.layer_map import pair_name
+
+HEAD_INITS = ("random", "select")
 
 
 def _make_head(student_dim: int, teacher_dim: int, hidden_dim: int | None) -> nn.Module:
@@ -21,6 +24,18 @@ def _make_head(student_dim: int, teacher_dim: int, hidden_dim: int | None) -> nn
     )
 
 
+def _select_init(head: nn.Module, student_dim: int, teacher_dim: int) -> None:
+    if not isinstance(head, nn.Linear) or student_dim > teacher_dim:
+        raise ValueError(
+            "head init 'select' needs single-Linear heads and a student no wider than the "
+            f"teacher; got {type(head).__name__} heads, D_s {student_dim}, D_t {teacher_dim}"
+        )
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[:student_dim].copy_(torch.eye(student_dim))
+        head.bias.zero_()
+
+
 class PredictionHeads(nn.Module):
     """One head per (student_layer, teacher_layer) pair: W_i: D_s -> D_t.
 
@@ -29,6 +44,8 @@ class PredictionHeads(nn.Module):
         heads mode) still get separate heads.
     hidden_dim: None = a single Linear (default); an int = Linear -> GELU -> Linear with that
         hidden width.
+    init: "random" (nn.Linear's init) or "select": W = [I; 0], b = 0, i.e. the student's D_s
+        dimensions land on the teacher's first D_s (single Linear heads, D_s <= D_t).
     """
 
     def __init__(
@@ -37,14 +54,21 @@ class PredictionHeads(nn.Module):
         student_dim: int,
         teacher_dim: int,
         hidden_dim: int | None = None,
+        *,
+        init: str = "random",
     ) -> None:
         super().__init__()
         if not pairs:
             raise ValueError("PredictionHeads needs at least one (student, teacher) layer pair")
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init {init!r}; expected one of {HEAD_INITS}")
         self.pairs = [(int(i), int(j)) for i, j in pairs]
         self.heads = nn.ModuleList(
             _make_head(student_dim, teacher_dim, hidden_dim) for _ in self.pairs
         )
+        if init == "select":
+            for head in self.heads:
+                _select_init(head, student_dim, teacher_dim)
 
     @property
     def names(self) -> list[str]:

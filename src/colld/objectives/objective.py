@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from colld.encoders.base import EncoderOutput, SpeechEncoder
-from colld.objectives.heads import PredictionHeads
+from colld.objectives.heads import HEAD_INITS, PredictionHeads
 from colld.objectives.layer_map import LAYER_MAP_MODES, pair_name, resolve_layer_map
 from colld.objectives.losses import PairLoss, contrastive_losses, l1cos_loss, mse_loss
 from colld.objectives.masking import span_mask, valid_frames
@@ -105,6 +105,12 @@ class ObjectiveConfig:
     """None = each head is one Linear(D_s, D_t); an int = Linear -> GELU -> Linear with this
     hidden width (DistilHuBERT's prediction heads)."""
 
+    head_init: str = "random"
+    """"random": nn.Linear's own init. "select": each head starts as W = [I; 0], b = 0, putting
+    the student's D_s dimensions on the teacher's first D_s (the transpose of
+    ``student.init=teacher``'s weight selection, so a teacher-initialised student is already
+    aligned with its targets at step 0). Needs one Linear per head (no head_hidden_dim)."""
+
     def validate(self, num_student_layers: int, num_teacher_layers: int) -> list[tuple[int, int]]:
         """Check every field against the allowed values and the model depths.
 
@@ -155,6 +161,15 @@ class ObjectiveConfig:
             raise ValueError(f"objective.mask_min_spans = {self.mask_min_spans} must be >= 0")
         if self.l1cos_lambda < 0:
             raise ValueError(f"objective.l1cos_lambda = {self.l1cos_lambda} must be >= 0")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(
+                f"objective.head_init = {self.head_init!r}; expected one of {HEAD_INITS}"
+            )
+        if self.head_init == "select" and self.head_hidden_dim is not None:
+            raise ValueError(
+                "objective.head_init = 'select' needs single-Linear heads; found "
+                f"head_hidden_dim = {self.head_hidden_dim} (set it to null or head_init=random)"
+            )
         if self.head_hidden_dim is not None:
             _check_number("head_hidden_dim", self.head_hidden_dim, int)
             if self.head_hidden_dim < 1:
@@ -216,7 +231,9 @@ class DistillObjective(nn.Module):
         super().__init__()
         self.config = config
         self.pairs = config.validate(num_student_layers, num_teacher_layers)
-        self.heads = PredictionHeads(self.pairs, student_dim, teacher_dim, config.head_hidden_dim)
+        self.heads = PredictionHeads(
+            self.pairs, student_dim, teacher_dim, config.head_hidden_dim, init=config.head_init
+        )
         self.normalizer = TargetNormalizer(config.target_norm, self.teacher_layers, teacher_dim)
         weights = config.pair_weights or [1.0] * len(self.pairs)
         self.register_buffer("pair_weights", torch.tensor(weights), persistent=False)
