@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One shared, idempotent install step for both README commands.
 #   bash scripts/install.sh        # runtime: system packages, venv, torch (CPU, pinned), colld
-#   bash scripts/install.sh --dev  # the same plus test tools
+#   bash scripts/install.sh --dev  # the same plus test tools and the deploy extra (ONNX)
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${COLLD_TORCH_VERSION:-2.13.0}"
 extras="embedded"
-[[ "${1:-}" == "--dev" ]] && extras="embedded,dev"
+[[ "${1:-}" == "--dev" ]] && extras="embedded,dev,deploy"
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)

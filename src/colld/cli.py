@@ -120,6 +120,27 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    if not args.onnx:
+        raise ValueError("choose an export format: --onnx (the only one so far)")
+    from colld.deploy.check import REPORT_FILE, export_and_check
+    from colld.eval.models import describe, file_slug
+
+    out = args.out or f"runs/onnx/{file_slug(describe(args.model))}"
+    report = export_and_check(
+        args.model,
+        out,
+        int8=args.int8,
+        opset=args.opset,
+        audio=args.audio,
+        corpus=args.corpus,
+        tolerance=args.tolerance,
+    )
+    print(f"{', '.join(report.files.values())} and {REPORT_FILE} written to {out} "
+          f"(opset {report.opset}; clips: {report.clips})\n\n{report.table()}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colld", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -208,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the data and sizes of distill --quick")
     p.add_argument("overrides", nargs="*", help="config overrides like data.max_duration=10")
     p.set_defaults(func=_cache_teacher)
+
+    p = sub.add_parser(
+        "export",
+        help="export an encoder to ONNX (dynamic batch and time; every hidden state), "
+        "optionally int8, checked against PyTorch",
+    )
+    p.add_argument("model", help="a student directory or a teacher spec")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx (required for now)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic)")
+    p.add_argument("--out", default=None, help="output folder (default runs/onnx/<model>)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    p.add_argument("--audio", nargs="+", default=(), help="clips to check on (default: corpus)")
+    p.add_argument("--corpus", default="data/corpus", help="corpus whose probe-test clips are "
+                   "checked on when no --audio is given (else synthetic tones)")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="fp32 bound: max abs diff <= tolerance * max(1, |torch| max)")  # fmt: skip
+    p.set_defaults(func=_export)
     return parser
 
 

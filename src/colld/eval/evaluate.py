@@ -32,7 +32,9 @@ from colld import __version__
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.synth import PROBE_SPLITS, manifest_path
 from colld.eval.models import FBANK, describe, file_slug, is_student_dir, load_model_spec
+from colld.eval.score import aggregate_score, task_values
 from colld.fsutil import write_json_atomic
+from colld.students.card import CardScore, update_card
 from colld.students.export import read_provenance
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ def evaluate_model(
             previous = {}
         if _same_run(previous, fingerprint, data.fingerprint, settings):
             log.info("reusing %s (same model, corpus and settings)", out_file)
+            refresh_model_cards(out_dir, previous)
             return previous
     cache = Path(cache_dir) if cache_dir is not None else Path(out_dir) / "features"
     features = {
@@ -224,7 +227,53 @@ def evaluate_model(
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out_file, result, indent=1)
     log.info("wrote %s", out_file)
+    refresh_model_cards(out_dir, result)
     return result
+
+
+def refresh_model_cards(out_dir: str | Path, result: dict[str, Any]) -> None:
+    """Put a student's ``result`` into its README.md (``colld.students.card.update_card``); a
+    teacher or fbank result refreshes the card of every student result in ``out_dir``, whose
+    aggregate score it may complete. Problems are logged, never raised."""
+    try:
+        folder = []
+        for path in sorted(Path(out_dir).glob("*.json")):
+            try:
+                folder.append(_read_result(path))
+            except ValueError:
+                continue  # not a result file
+        students = [r for r in folder if r["kind"] == "student" and r["model"] != result["model"]]
+        for student in [result] if result["kind"] == "student" else students:
+            if Path(student["model"]).is_dir():
+                update_card(student["model"], student, _card_score(student, folder))
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("model cards in %s not updated: %s", out_dir, err)
+
+
+def _card_score(student: dict[str, Any], folder: list[dict[str, Any]]) -> CardScore | None:
+    """The aggregate score of ``student`` against the teacher it was distilled from (matched by
+    weights fingerprint) and fbank, both evaluated alike in the same folder; else None."""
+    teacher_print = ((read_provenance(student["model"]) or {}).get("teacher") or {}).get(
+        "fingerprint"
+    )
+
+    def alike(r: dict[str, Any]) -> bool:
+        keys = ("tasks", "seeds")
+        return r["corpus"]["fingerprint"] == student["corpus"]["fingerprint"] and all(
+            r["settings"][k] == student["settings"][k] for k in keys
+        )
+
+    teacher = next(
+        (r for r in folder if r["kind"] == "teacher" and r["fingerprint"] == teacher_print), None
+    )
+    fbank = next((r for r in folder if r["kind"] == "fbank"), None)
+    if teacher is None or fbank is None or not (alike(teacher) and alike(fbank)):
+        return None
+    values = [task_values(r["probes"]) for r in (student, teacher, fbank)]
+    score = aggregate_score(*values)
+    return CardScore(
+        value=score.value, teacher=teacher["label"], per_task=score.per_task, flagged=score.flagged
+    )
 
 
 def _mimicry(

@@ -16,6 +16,9 @@ or absent):
     colld.json                       provenance (``metadata``): teacher spec and fingerprint,
                                      the objective's settings and layer pairs, the run config;
                                      read back by ``read_provenance``.
+    README.md                        the model card (``colld.students.card``), from the
+                                     provenance; ``colld evaluate`` fills in its efficiency and
+                                     scores sections later.
 
 For wav2vec 2.0-family students the exported config gets the teacher's SpecAugment values back
 (``mask_time_prob``, ``mask_feature_prob``; see ``colld.students.build``); ``masked_spec_embed``
@@ -54,6 +57,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from colld.encoders import wrap_encoder
 from colld.encoders.base import SpeechEncoder
 from colld.students.build import EXPORT_OVERRIDES_ATTR
+from colld.students.card import CARD_FILE, render_card, student_facts
 from colld.teachers.base import LoadedModel
 from colld.teachers.hf import weight_files_fingerprint
 
@@ -97,6 +101,8 @@ def export_student(
         if metadata is not None:
             text = json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
             (tmp / PROVENANCE_FILE).write_text(text + "\n", encoding="utf-8")
+        card = render_card(student_facts(student), metadata, name=out_dir.name)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         for item in tmp.iterdir():
             os.chmod(item, 0o644)
         _replace_dir(tmp, out_dir)

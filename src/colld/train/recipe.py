@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -570,7 +571,12 @@ def provenance(run: Run, student: SpeechEncoder, objective: DistillObjective) ->
     """What ``colld.json`` beside an exported student records (see ``export_student``)."""
     return {
         "colld_version": __version__,
-        "teacher": {"spec": run.cfg.teacher.spec, "fingerprint": run.teacher.fingerprint},
+        "argv": list(sys.argv),  # the command that produced it (the model card shows it)
+        "teacher": {
+            "spec": run.cfg.teacher.spec,
+            "fingerprint": run.teacher.fingerprint,
+            "parameters": count_encoder_parameters(run.teacher.encoder),
+        },
         "objective": to_dict(run.cfg.objective),
         "pairs": [list(pair) for pair in objective.pairs],
         "student_dim": student.hidden_dim,
@@ -578,8 +584,32 @@ def provenance(run: Run, student: SpeechEncoder, objective: DistillObjective) ->
         "teacher_dim": run.teacher.encoder.hidden_dim,
         "num_teacher_layers": run.teacher.encoder.num_layers,
         "steps": run.state.step,
+        "audio_hours_seen": run.state.audio_seconds / 3600,
+        "data": data_provenance(run),
         "config": to_dict(run.cfg),
     }
+
+
+def data_provenance(run: Run) -> dict[str, Any]:
+    """What the student was trained on, for the model card: the train utterances' count and
+    hours, and for the embedded corpus its languages and espeak-ng version (corpus.json)."""
+    from colld.data.synth import load_corpus_info
+
+    utterances = run.train.sampler.utterances
+    data = {
+        "source": "embedded" if run.cfg.data.train is None else "manifest",
+        "train": run.cfg.data.train,
+        "train_utterances": len(utterances),
+        "train_hours": sum(u.duration for u in utterances) / 3600,
+    }
+    if run.cfg.data.train is None:
+        info = load_corpus_info(run.cfg.data.corpus_dir)
+        data.update(
+            corpus_dir=run.cfg.data.corpus_dir,
+            languages=info.languages,
+            espeak_ng_version=info.espeak_ng_version,
+        )
+    return data
 
 
 def distill(cfg: RunConfig, *, resume: bool = False) -> Path:
