@@ -15,6 +15,7 @@ from colld.config import (
     parse_override,
     to_dict,
 )
+from colld.experiments.grid import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,11 +79,18 @@ def test_round_trip_through_dict() -> None:
 
 
 def test_every_shipped_config_loads() -> None:
-    # configs/accelerate/ holds accelerate launcher configs, not colld run configs
-    files = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+    # configs/accelerate/ holds accelerate launcher configs and configs/experiments/ grids
+    # (colld experiment), not colld run configs.
+    other = ("accelerate", "experiments")
+    files = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not set(other) & set(p.parts))
     assert len(files) >= 1, "configs/ should ship at least one recipe"
     for path in files:
         load_config(path)
+        assert path.read_text().startswith("#"), f"{path} needs a header comment with its command"
+    grids = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    assert len(grids) >= 3
+    for path in grids:
+        load_grid(path)
         assert path.read_text().startswith("#"), f"{path} needs a header comment with its command"
 
 
