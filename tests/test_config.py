@@ -13,6 +13,7 @@ from colld.config import (
     from_dict,
     load_config,
     parse_override,
+    resolve,
     to_dict,
 )
 from colld.experiments.grid import load_grid
@@ -27,6 +28,28 @@ def test_defaults_are_colld() -> None:
     assert cfg.objective.mask is True
     assert cfg.objective.tau == pytest.approx(0.1)
     assert cfg.objective.num_negatives == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "head_init"),
+    [
+        ([], "select"),  # the default: teacher-initialised student, heads aligned with it
+        (["student.init=random"], "random"),
+        (["objective.head_hidden_dim=64"], "random"),  # select needs single-Linear heads
+        (["objective.head_init=random"], "random"),  # an explicit choice is kept
+        (["student.init=random", "objective.head_init=select"], "select"),
+    ],
+)
+def test_head_init_auto_follows_student_init(overrides: list[str], head_init: str) -> None:
+    cfg = load_config(None, overrides)
+    assert cfg.objective.head_init == head_init
+    assert resolve(cfg) == cfg  # idempotent: what a run records is what it used
+    assert "auto" not in str(to_dict(cfg)["objective"])
+
+
+def test_default_student_starts_from_the_teacher() -> None:
+    assert load_config().student.init == "teacher"
+    assert RunConfig().objective.head_init == "auto"  # resolved only by load_config / setup
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from colld.data.augment import AugmentConfig
-from colld.objectives.objective import ObjectiveConfig
+from colld.objectives.objective import ObjectiveConfig, resolve_head_init
 from colld.students.build import StudentSpec
 
 
@@ -295,7 +295,14 @@ def load_config(
         _set_nested(tree, keys, value)
     cfg = from_dict(RunConfig, tree)
     validate(cfg)
-    return cfg
+    return resolve(cfg)
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Make the "auto" values concrete, so a run records what it actually used (today:
+    ``objective.head_init``, which depends on ``student.init``). Idempotent."""
+    objective = resolve_head_init(cfg.objective, cfg.student.init)
+    return dataclasses.replace(cfg, objective=objective)
 
 
 def validate(cfg: RunConfig) -> None:

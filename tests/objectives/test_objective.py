@@ -65,7 +65,10 @@ def test_config_defaults_match_method() -> None:
         ({"pair_weights": [1.0, -1.0, 1.0, 1.0]}, r"pair_weights\[1\] = -1\.0 must be >= 0"),
         ({"pair_weights": [0.0, 0.0, 0.0, 0.0]}, r"all 0"),
         ({"l1cos_lambda": -1.0}, r"l1cos_lambda"),
-        ({"head_init": "eye"}, r"head_init = 'eye'; expected one of \('random', 'select'\)"),
+        (
+            {"head_init": "eye"},
+            r"head_init = 'eye'; expected one of \('auto', 'random', 'select'\)",
+        ),
         ({"head_init": "select", "head_hidden_dim": 16}, r"'select' needs single-Linear heads"),
     ],
 )

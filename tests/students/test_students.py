@@ -352,7 +352,9 @@ def test_teacher_init_survives_export(tmp_path: Path) -> None:
     """Whisper's position table comes from the teacher's columns, not the student's own
     sinusoid: the exported weights, not a fresh init, must be what transformers loads."""
     teacher = tiny_teacher("whisper")
-    student = build_student(teacher, StudentSpec(hidden_dim=32, num_heads=2, init="teacher"), seed=0)
+    student = build_student(
+        teacher, StudentSpec(hidden_dim=32, num_heads=2, init="teacher"), seed=0
+    )
     expected = teacher.model.embed_positions.weight[:, :32]
     assert torch.equal(student.model.embed_positions.weight, expected)
     out_dir = export_student(student, WhisperFeatureExtractor(feature_size=16), tmp_path / "s")
@@ -364,7 +366,9 @@ def test_teacher_init_survives_export(tmp_path: Path) -> None:
 def test_teacher_init_refuses_a_student_axis_larger_than_the_teacher() -> None:
     teacher = tiny_teacher("wav2vec2")
     spec = StudentSpec(ffn_dim=2 * TEACHER_FFN, init="teacher")
-    with pytest.raises(ValueError, match=r"intermediate_dense.weight \(512, \d+\) does not fit in teacher"):
+    with pytest.raises(
+        ValueError, match=r"intermediate_dense.weight \(512, \d+\) does not fit in teacher"
+    ):
         build_student(teacher, spec, seed=0)
 
 
@@ -373,10 +377,10 @@ def test_random_init_is_seeded_and_leaves_global_rng() -> None:
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    a = build_student(teacher, StudentSpec(), seed=7)
+    a = build_student(teacher, StudentSpec(init="random"), seed=7)
     assert torch.equal(torch.rand(1), expected_next)
-    b = build_student(teacher, StudentSpec(), seed=7)
-    c = build_student(teacher, StudentSpec(), seed=8)
+    b = build_student(teacher, StudentSpec(init="random"), seed=7)
+    c = build_student(teacher, StudentSpec(init="random"), seed=8)
     for (name, p_a), p_b in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p_a, p_b), name
     assert not torch.equal(a.model.encoder.layers[0].feed_forward.intermediate_dense.weight,

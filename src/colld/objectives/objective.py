@@ -8,6 +8,7 @@ Shape legend: B batch, T frames, D_s student width, D_t teacher width, K distrac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 LOSSES = ("contrastive", "l1cos", "mse")
 TARGETS = ("hidden", "ffn")
 LOSS_FRAMES = ("masked", "unmasked", "all")
+HEAD_INIT_CHOICES = ("auto", *HEAD_INITS)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -105,11 +107,13 @@ class ObjectiveConfig:
     """None = each head is one Linear(D_s, D_t); an int = Linear -> GELU -> Linear with this
     hidden width (DistilHuBERT's prediction heads)."""
 
-    head_init: str = "random"
+    head_init: str = "auto"
     """"random": nn.Linear's own init. "select": each head starts as W = [I; 0], b = 0, putting
     the student's D_s dimensions on the teacher's first D_s (the transpose of
     ``student.init=teacher``'s weight selection, so a teacher-initialised student is already
-    aligned with its targets at step 0). Needs one Linear per head (no head_hidden_dim)."""
+    aligned with its targets at step 0). Needs one Linear per head (no head_hidden_dim).
+    "auto" (default): "select" for a teacher-initialised student with single-Linear heads,
+    else "random" (``resolve_head_init``; the run's recorded config holds the resolved value)."""
 
     def validate(self, num_student_layers: int, num_teacher_layers: int) -> list[tuple[int, int]]:
         """Check every field against the allowed values and the model depths.
@@ -161,9 +165,9 @@ class ObjectiveConfig:
             raise ValueError(f"objective.mask_min_spans = {self.mask_min_spans} must be >= 0")
         if self.l1cos_lambda < 0:
             raise ValueError(f"objective.l1cos_lambda = {self.l1cos_lambda} must be >= 0")
-        if self.head_init not in HEAD_INITS:
+        if self.head_init not in HEAD_INIT_CHOICES:
             raise ValueError(
-                f"objective.head_init = {self.head_init!r}; expected one of {HEAD_INITS}"
+                f"objective.head_init = {self.head_init!r}; expected one of {HEAD_INIT_CHOICES}"
             )
         if self.head_init == "select" and self.head_hidden_dim is not None:
             raise ValueError(
@@ -181,6 +185,18 @@ class ObjectiveConfig:
                     raise ValueError(f"objective.pair_weights[{position}] = {weight} must be >= 0")
             if sum(self.pair_weights) <= 0:
                 raise ValueError(f"objective.pair_weights = {self.pair_weights} are all 0")
+
+
+def resolve_head_init(config: ObjectiveConfig, student_init: str) -> ObjectiveConfig:
+    """``head_init="auto"`` made concrete: "select" where the student starts as the teacher's
+    weight selection (``student_init == "teacher"``) and the heads are single Linears, so
+    student and heads start aligned with the targets; "random" otherwise. Measured: with
+    teacher-initialised students, random heads made training worse than the untrained student
+    (docs/results/demo.md, "Follow-up"). Other values are returned unchanged."""
+    if config.head_init != "auto":
+        return config
+    aligned = student_init == "teacher" and config.head_hidden_dim is None
+    return dataclasses.replace(config, head_init="select" if aligned else "random")
 
 
 @dataclass
@@ -231,8 +247,11 @@ class DistillObjective(nn.Module):
         super().__init__()
         self.config = config
         self.pairs = config.validate(num_student_layers, num_teacher_layers)
+        # An unresolved "auto" (a config built in code, not by load_config) knows nothing of
+        # the student's init: the heads get nn.Linear's own.
+        head_init = "random" if config.head_init == "auto" else config.head_init
         self.heads = PredictionHeads(
-            self.pairs, student_dim, teacher_dim, config.head_hidden_dim, init=config.head_init
+            self.pairs, student_dim, teacher_dim, config.head_hidden_dim, init=head_init
         )
         self.normalizer = TargetNormalizer(config.target_norm, self.teacher_layers, teacher_dim)
         weights = config.pair_weights or [1.0] * len(self.pairs)

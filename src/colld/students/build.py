@@ -28,9 +28,9 @@ base's 20.6M), the mask embedding (training-time only, and a teacher may lack it
 anything HF runs after the encoder (w2v-BERT's ``adapter`` / ``intermediate_ffn``).
 
 Initialisation (one policy for every shape, so comparing shapes does not compare inits):
-    "random" (default): HF's own ``_init_weights`` for that class, under
+    "random": HF's own ``_init_weights`` for that class, under
         ``torch.manual_seed(seed)`` (the global RNG is left as it was).
-    "teacher": the random init, then the front end (convs, feature projection, positional
+    "teacher" (default): the random init, then the front end (convs, feature projection, positional
         conv / table, HF's ``masked_spec_embed``; Whisper's mask embedding is colld's own and
         stays random), the final layer norm and teacher layer m(i) = ceil(i * L_T / L_S) for
         student layer i (every k-th layer for k = L_T / L_S) are copied. Where the student is narrower (width, FFN), every tensor keeps the first
@@ -117,8 +117,9 @@ class StudentSpec:
     preset: "deep-narrow" (teacher's depth, narrower) or "shallow-wide" (teacher's width,
         2 layers, narrower FFN) at the same parameter count.
     num_layers, hidden_dim, num_heads, ffn_dim: explicit sizes; override the preset.
-    init: "random" (HF init under the seed) or "teacher" (front end and every k-th layer from
-        the teacher, narrower axes keep their first n entries).
+    init: "teacher" (default: front end and every k-th layer from the teacher, narrower axes
+        keep their first n entries) or "random" (HF init under the seed). The default was
+        chosen by measurement: docs/results/demo.md, "Follow-up".
     compression: teacher parameters / student parameters the presets aim at.
     """
 
@@ -127,7 +128,7 @@ class StudentSpec:
     hidden_dim: int | None = None
     num_heads: int | None = None
     ffn_dim: int | None = None
-    init: str = "random"
+    init: str = "teacher"
     compression: float = 3.3
 
     def __post_init__(self) -> None:
@@ -305,7 +306,7 @@ def _axes(sizes: StudentSizes) -> tuple[int, int]:
 
 def _select(source: torch.Tensor, shape: torch.Size, name: str, source_name: str) -> torch.Tensor:
     """The first ``shape[d]`` entries of ``source`` along every axis d (weight selection)."""
-    if source.dim() != len(shape) or any(s > t for s, t in zip(shape, source.shape)):
+    if source.dim() != len(shape) or any(s > t for s, t in zip(shape, source.shape, strict=True)):
         raise ValueError(
             f"init='teacher': student {name} {tuple(shape)} does not fit in teacher "
             f"{source_name} {tuple(source.shape)}; every student axis must be at most the "

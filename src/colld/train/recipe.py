@@ -23,7 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from transformers import get_scheduler
 
 from colld import __version__
-from colld.config import ConfigError, RunConfig, dump_config, from_dict, to_dict
+from colld.config import ConfigError, RunConfig, dump_config, from_dict, resolve, to_dict
 from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.errors import RunStoppedError
@@ -181,6 +181,7 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def setup(cfg: RunConfig, *, resume: bool) -> Run:
+    cfg = resolve(cfg)  # a RunConfig built in code, not by load_config, may still hold "auto"
     set_deterministic(cfg.train.deterministic)
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
@@ -274,7 +275,7 @@ def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | No
         )
     saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
     try:  # keys added to colld since the run was written take their defaults, as they ran
-        saved = to_dict(from_dict(RunConfig, saved))
+        saved = to_dict(resolve(from_dict(RunConfig, saved)))
     except ConfigError:
         pass  # a key since removed or retyped: compare as written, it will be named
     changed = _config_differences(saved, to_dict(cfg)) - RESUMABLE_CHANGES
