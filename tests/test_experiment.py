@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from colld.cli import main
-from colld.config import to_dict
+from colld.config import ConfigError, to_dict
 from colld.eval.evaluate import SCHEMA, EvalSettings
 from colld.experiments import runner
 from colld.experiments.grid import (
@@ -285,13 +285,16 @@ def test_finished_units_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     layout = make_layout(grid, quick=False, out=tmp_path / "out", runs=tmp_path / "runs")
     units = plan_units(grid, layout, quick=False, cells=["a", "floor"])
     settings = eval_settings(grid, "data/corpus", quick=False)
-    assert [u.key for u in units][:2] == ["a/seed-0", "a/seed-1"]
+    assert [u.key for u in units][:3] == ["a/seed-0", "floor/seed-0", "a/seed-1"]
     assert not any(unit_finished(u, settings) for u in units)
     for unit in (units[0], units[-1]):  # a/seed-0 and the floor at seed 2
         _finish(unit, settings)
-    assert [unit_finished(u, settings) for u in units] == [True, False, False] + [False] * 2 + [
-        True
-    ]
+    assert [unit_finished(u, settings) for u in units] == [True] + [False] * 4 + [True]
+
+    only = plan_units(grid, layout, quick=False, cells=["a", "floor"], only_seeds=[1])
+    assert [u.key for u in only] == ["a/seed-1", "floor/seed-1"]
+    with pytest.raises(ConfigError, match=r"--seeds \[7\] not among the distillation seeds"):
+        plan_units(grid, layout, quick=False, only_seeds=[7])
 
     # another probe setting, another config or changed weights: not finished any more
     assert not unit_finished(units[0], eval_settings(grid, "data/corpus", quick=True))

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,14 +477,29 @@ def unit_config(grid: Grid, cell: Cell, seed: int, layout: Layout, *, quick: boo
 
 
 def plan_units(
-    grid: Grid, layout: Layout, *, quick: bool, cells: list[str] | None = None
+    grid: Grid,
+    layout: Layout,
+    *,
+    quick: bool,
+    cells: list[str] | None = None,
+    only_seeds: Sequence[int] = (),
 ) -> list[Unit]:
-    """Every (cell, seed) to run, cells in the grid's order; ``cells`` picks a subset."""
+    """Every (cell, seed) to run, seed by seed (every cell at the first seed, then the next),
+    cells in the grid's order; ``cells`` picks a subset. Seed-major, so a grid stopped part way
+    (it resumes across sessions) already holds one comparable run of every cell."""
     chosen = [grid.cell(name) for name in cells] if cells else grid.cells
+    planned = seeds(grid, quick=quick)
+    unknown = [seed for seed in only_seeds if seed not in planned]
+    if unknown:
+        raise ConfigError(
+            f"{grid.source}: --seeds {list(unknown)} not among the distillation seeds "
+            f"{planned}{' (--quick runs the first only)' if quick else ''}"
+        )
     return [
         Unit(cell, seed, unit_config(grid, cell, seed, layout, quick=quick))
+        for seed in planned
+        if not only_seeds or seed in only_seeds
         for cell in chosen
-        for seed in seeds(grid, quick=quick)
     ]
 
 

@@ -213,6 +213,8 @@ class Options:
     """A subset of the grid's cells (empty: all)."""
     runs: str | None = None
     """Runs folder (None: runs/experiments or runs/experiments-quick)."""
+    seeds: tuple[int, ...] = ()
+    """A subset of the budget's distillation seeds (empty: all)."""
 
     def command(self) -> str:
         parts = ["colld", "experiment", self.name]
@@ -220,6 +222,7 @@ class Options:
         parts += ["--out", self.out] if self.out else []
         parts += ["--cells", ",".join(self.cells)] if self.cells else []
         parts += ["--runs", self.runs] if self.runs else []
+        parts += ["--seeds", ",".join(map(str, self.seeds))] if self.seeds else []
         return shlex.join(parts)
 
 
@@ -231,7 +234,7 @@ def run_experiment(options: Options) -> Path:
     quick, cells = options.quick, list(options.cells) or None
     grid = load_grid(resolve_grid_path(options.name))
     layout = make_layout(grid, quick=quick, out=options.out, runs=options.runs)
-    units = plan_units(grid, layout, quick=quick, cells=cells)
+    units = plan_units(grid, layout, quick=quick, cells=cells, only_seeds=options.seeds)
     first = units[0].cfg
     settings = eval_settings(grid, first.data.corpus_dir, quick=quick)
     left = [u for u in units if not unit_finished(u, settings)]
@@ -260,7 +263,7 @@ def run_experiment(options: Options) -> Path:
         wall_seconds=time.perf_counter() - started,
         recorded_seconds=timings.total,
         budget_line=_budget_line(grid, units, settings, quick=quick),
-        notes=_notes(units, cells, quick=quick),
+        notes=_notes(units, cells, quick=quick, seeds=options.seeds),
     )
     page = write_page(summary, info, layout)
     print(f"\nresults page: {page}\n\n{results_table(summary)}\n", flush=True)
@@ -307,7 +310,9 @@ def _budget_line(grid: Grid, units: list[Unit], settings: EvalSettings, *, quick
     return line + f"; expected ~{grid.budget.expected_minutes:.0f} min on 2 CPU cores"
 
 
-def _notes(units: list[Unit], cells: list[str] | None, *, quick: bool) -> list[str]:
+def _notes(
+    units: list[Unit], cells: list[str] | None, *, quick: bool, seeds: tuple[int, ...] = ()
+) -> list[str]:
     notes = []
     cached = [u for u in units if u.cached]
     if cached:
@@ -318,6 +323,11 @@ def _notes(units: list[Unit], cells: list[str] | None, *, quick: bool) -> list[s
         )
     if cells:
         notes.append(f"Cells run by this command: {', '.join(cells)} (`--cells`)")
+    if seeds:
+        notes.append(
+            f"Distillation seeds run by this command: {', '.join(map(str, seeds))} (`--seeds`); "
+            "rerun without it to add the others"
+        )
     if quick:
         notes.append("**--quick: these numbers are a smoke test, not results**")
     return notes
