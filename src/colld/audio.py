@@ -129,11 +129,14 @@ def load_audio(
     *,
     offset_s: float = 0.0,
     duration_s: float | None = None,
+    channel: int | None = None,
 ) -> np.ndarray:
     """Read an audio file as float32 mono at ``sample_rate`` (any format libsndfile reads:
-    wav, flac, ogg, mp3, ...). Channels are averaged; the rate is converted with soxr (HQ).
+    wav, flac, ogg, mp3, ...). Channels are averaged unless ``channel`` picks one; the rate is
+    converted with soxr (HQ).
 
     offset_s, duration_s: read only this part of the file (seconds at the file's own rate).
+    channel: None = the mean of all channels; an int = that channel (0-based) alone.
 
     Shape: (S,).
     Raises AudioError (reason ``missing``, ``empty``, ``unsupported``, ``unreadable``,
@@ -149,6 +152,12 @@ def load_audio(
     try:
         with sf.SoundFile(path) as f:
             native_rate = f.samplerate
+            if channel is not None and not 0 <= channel < f.channels:
+                raise AudioError(
+                    path,
+                    f"channel {channel} requested, the file has {f.channels} (0-based)",
+                    reason="unsupported",
+                )
             _check_wav_data_size(path, f.extra_info)
             start = round(offset_s * native_rate)
             wanted = f.frames - start if duration_s is None else round(duration_s * native_rate)
@@ -174,7 +183,10 @@ def load_audio(
             f"{len(bad)} NaN/Inf samples (first at frame {bad[0, 0]}, channel {bad[0, 1]})",
             reason="non_finite",
         )
-    waveform = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if channel is not None:
+        waveform = data[:, channel]
+    else:
+        waveform = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if native_rate != sample_rate:
         waveform = soxr.resample(waveform, native_rate, sample_rate, quality="HQ")
         if waveform.shape[0] == 0:

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from colld.audio import SAMPLE_RATE, FrontEnd
+from colld.audio import SAMPLE_RATE, AudioError, FrontEnd, load_audio
 from colld.data.dataset import DistillDataset
-from colld.data.manifest import Utterance, read_manifest, write_manifest
+from colld.data.manifest import (
+    ManifestError,
+    Utterance,
+    read_manifest,
+    row_to_utterance,
+    write_manifest,
+)
 from colld.data.readers import (
     ReaderError,
     read_any,
@@ -26,6 +32,7 @@ from colld.data.readers import (
     read_tsv,
     scan_directory,
 )
+from colld.data.utterance_audio import load_utterance
 from colld.testing import harmonic_tone
 
 
@@ -355,7 +362,7 @@ def _lhotse_manifests(tmp_path: Path) -> tuple[Path, Path]:
             whole,
             rec_b.to_cut(),
             whole.truncate(offset=0.5, duration=1.0).with_id("cut-a-seg"),  # a segment
-            MonoCut(id="st-left", start=0.0, duration=1.0, channel=1, recording=stereo),
+            MonoCut(id="st-right", start=0.0, duration=1.0, channel=1, recording=stereo),
             stereo.to_cut().with_id("st-both"),  # MultiCut over both channels: kept, downmixed
             url.to_cut(),
         ]
@@ -373,21 +380,80 @@ def test_read_lhotse_cutset(tmp_path: Path) -> None:
     cut_path, rec_path = _lhotse_manifests(tmp_path)
     utterances, _, problems = read_lhotse(cut_path)
     by_id = {u.id: u for u in utterances}
-    assert sorted(by_id) == ["cut-a", "cut-a-seg", "rb", "st-both"]
+    assert sorted(by_id) == ["cut-a", "cut-a-seg", "rb", "st-both", "st-right"]
+    assert (by_id["st-right"].channel, by_id["st-both"].channel, by_id["rb"].channel) == (
+        1,
+        None,
+        None,
+    )
     a = by_id["cut-a"]
     assert (a.text, a.language, a.voice, a.duration) == ("hello world", "en", "spk7", 2.0)
     assert Path(a.path) == (tmp_path / "wav" / "a.wav").absolute()
     assert a.offset is None and by_id["rb"].offset is None  # whole recordings: whole files
     segment = by_id["cut-a-seg"]
     assert (segment.offset, segment.duration, segment.path) == (0.5, 1.0, a.path)
-    assert len(problems) == 3
-    assert any("st-left" in p and "channel" in p for p in problems)
+    assert len(problems) == 2
     assert any("'url' source" in p for p in problems)
     assert any(":7:" in p and "not a lhotse cut" in p for p in problems)
     assert read_any(cut_path).utterances == utterances
 
     recordings = read_any(rec_path)  # .jsonl holding lhotse recordings, not a colld manifest
     assert [(u.id, u.duration) for u in recordings.utterances] == [("ra", 2.0), ("rb", 1.0)]
+
+
+def test_read_lhotse_channels_match_lhotse(tmp_path: Path) -> None:
+    """One channel of a multi-channel recording reads that channel alone, equal to lhotse's
+    own ``load_audio`` of the cut, for one multi-channel file and for one file per channel."""
+    from lhotse import CutSet, MonoCut, MultiCut, Recording
+    from lhotse.audio import AudioSource
+
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    columns = [0.5 * np.sin(2 * np.pi * f * t) for f in (220.0, 330.0, 550.0)]
+    (tmp_path / "wav").mkdir()
+    sf.write(tmp_path / "wav" / "three.wav", np.stack(columns, axis=1), SAMPLE_RATE)
+    three = Recording.from_file(tmp_path / "wav" / "three.wav", recording_id="three")
+    for k, column in enumerate(columns):
+        sf.write(tmp_path / "wav" / f"mic{k}.wav", column, SAMPLE_RATE)
+    per_file = Recording(
+        id="array",
+        sources=[
+            AudioSource(type="file", channels=[k], source=str(tmp_path / "wav" / f"mic{k}.wav"))
+            for k in range(3)
+        ],
+        sampling_rate=SAMPLE_RATE,
+        num_samples=SAMPLE_RATE,
+        duration=1.0,
+    )
+    cuts = [
+        MonoCut(id="three-2", start=0.25, duration=0.5, channel=2, recording=three),
+        MonoCut(id="array-1", start=0.0, duration=1.0, channel=1, recording=per_file),
+        MultiCut(id="three-all", start=0.0, duration=1.0, channel=[0, 1, 2], recording=three),
+        MultiCut(id="three-01", start=0.0, duration=1.0, channel=[0, 1], recording=three),
+        MultiCut(id="array-all", start=0.0, duration=1.0, channel=[0, 1, 2], recording=per_file),
+    ]
+    path = tmp_path / "cuts.jsonl"
+    CutSet.from_cuts(cuts).to_file(path)
+    utterances, _, problems = read_lhotse(path)
+    by_id = {u.id: u for u in utterances}
+    assert sorted(by_id) == ["array-1", "three-2", "three-all"]
+    assert by_id["three-2"].channel == 2 and by_id["three-2"].offset == 0.25
+    assert by_id["array-1"].channel is None  # its own mono file
+    assert Path(by_id["array-1"].path).name == "mic1.wav"
+    assert any("three-01" in p and "channels [0, 1]" in p for p in problems)
+    assert any("array" in p and "3 sources" in p for p in problems)
+    for cut in cuts[:3]:
+        ours = load_utterance(by_id[cut.id], tmp_path, SAMPLE_RATE)
+        theirs = cut.load_audio()
+        expected = theirs.mean(axis=0) if theirs.shape[0] > 1 else theirs[0]
+        np.testing.assert_allclose(ours, expected, atol=1e-6, err_msg=cut.id)
+    # the channel survives a manifest round trip; a bad channel value is named
+    written = write_manifest(utterances, tmp_path / "m.jsonl")
+    assert read_manifest(written)[0] == utterances
+    row = json.loads(written.read_text().splitlines()[0])
+    with pytest.raises(ManifestError, match=r"field 'channel' should be an integer >= 0"):
+        row_to_utterance({**row, "channel": -1}, "m.jsonl:1")
+    with pytest.raises(AudioError, match=r"channel 3 requested, the file has 3"):
+        load_audio(tmp_path / "wav" / "three.wav", channel=3)
 
 
 def test_read_lhotse_relative_sources_and_nothing_usable(

@@ -91,6 +91,8 @@ def test_a_region_row_is_featurised_from_its_region_only(tmp_path: Path) -> None
         torch.testing.assert_close(states[0].float(), front_end(region), atol=2e-2, rtol=1e-2)
     as_whole = Utterance(id="head", path=whole.path, duration=0.5)
     assert cache_key("fp", front_end, [head]) != cache_key("fp", front_end, [as_whole])
+    left = Utterance(id="head", path=whole.path, duration=0.5, offset=0.0, channel=0)
+    assert cache_key("fp", front_end, [head]) != cache_key("fp", front_end, [left])
 
 
 def test_bad_audio_is_skipped_and_recorded(tmp_path: Path) -> None:

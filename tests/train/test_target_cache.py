@@ -134,6 +134,8 @@ def test_whole_file_rows_keep_the_data_hash_of_caches_built_before_regions() -> 
     old = hashlib.blake2b(digest_size=12)  # the format every existing fingerprint used
     old.update(b"a\ta.wav\t0.000000\t3.000000\nb\tb.wav\t2.000000\t1.000000\n")
     assert data_record(rows) == {"num_utterances": 2, "hash": old.hexdigest()}
+    one_channel = [rows[0], replace(rows[1], channel=1)]  # other audio, other hash
+    assert data_record(one_channel)["hash"] != old.hexdigest()
     segments = [s.as_utterance() for s in plan_segments(rows, 2.0, RATE, min_samples=160)]
     assert [(s.id, s.offset, s.duration) for s in segments] == [
         ("a#0", 0.0, 2.0),

@@ -142,7 +142,8 @@ class DistillDataset(Dataset):
         (the targets would belong to other audio).
         """
         path = utt.resolved_path(self.root)
-        waveform = load_region(path, self.frontend.sample_rate, utt.start, utt.duration)
+        rate = self.frontend.sample_rate
+        waveform = load_region(path, rate, utt.start, utt.duration, channel=utt.channel)
         expected = self.targets.row(utt.id)["num_samples"]
         if waveform.shape[0] != expected:
             raise ValueError(
@@ -188,12 +189,12 @@ class DistillDataset(Dataset):
             return load_utterance(utt, self.root, rate)
         offset_s = utt.start + float(rng.uniform(0.0, duration - self.max_duration))
         try:
-            return load_region(path, rate, offset_s, self.max_duration)
+            return load_region(path, rate, offset_s, self.max_duration, channel=utt.channel)
         except AudioError as err:
             if err.reason != "empty" or utt.is_region:
                 raise
             # The file is shorter than the manifest says: read it whole, crop in memory.
-            return load_audio(path, rate)
+            return load_audio(path, rate, channel=utt.channel)
 
     def _warn_once(self, utt: Utterance, reason: str, err: Exception) -> None:
         if utt.id in self._warned:

@@ -7,12 +7,14 @@ Row fields (JSON types):
     phonemes (str | null: IPA phonemes from espeak-ng, space-separated),
     split (str: "train", "dev", "probe-train", "probe-dev", "probe-test"),
     sentence_id (str | null: the same id across languages for a parallel sentence),
-    offset (float >= 0, optional: seconds into the file where the utterance starts).
+    offset (float >= 0, optional: seconds into the file where the utterance starts),
+    channel (int >= 0, optional: read this channel of a multi-channel file alone; absent =
+    all channels averaged).
 A row with an ``offset`` (0 included) is exactly the region [offset, offset + duration) of its
 file, e.g. a segment of a longer recording. A row without one (or with ``null``) is the whole
 file: readers decode it from its start and tolerate a duration that under-states the file
-(training then crops in memory). The field is written only when it is set, so whole-file
-manifests stay byte for byte as they were before regions existed.
+(training then crops in memory). ``offset`` and ``channel`` are written only when set, so
+manifests without them stay byte for byte as they were before these fields existed.
 
 Path safety: a relative ``path`` must stay inside the corpus root, the manifest's folder or,
 for colld's corpus layout (``<corpus>/manifests/*.jsonl`` and ``<corpus>/lhotse/`` beside
@@ -43,6 +45,8 @@ class Utterance:
 
     offset: None = the whole file; a number of seconds (0 included) = exactly the region
         [offset, offset + duration) of the file.
+    channel: None = all channels averaged (mono files: their one channel); an int = that
+        channel alone (0-based column of the file), e.g. one microphone of an array recording.
     """
 
     id: str
@@ -56,6 +60,7 @@ class Utterance:
     split: str | None = None
     sentence_id: str | None = None
     offset: float | None = None
+    channel: int | None = None
 
     @property
     def is_region(self) -> bool:
@@ -129,6 +134,12 @@ def row_to_utterance(row: object, where: str) -> Utterance:
             f"{where}: field 'offset' should be a number of seconds >= 0 (a region) or absent "
             f"(the whole file), found {offset!r}"
         )
+    channel = row.get("channel")
+    if channel is not None and (type(channel) is not int or channel < 0):
+        raise ManifestError(
+            f"{where}: field 'channel' should be an integer >= 0 (one channel of the file) or "
+            f"absent (all channels averaged), found {channel!r}"
+        )
     known = {f.name for f in fields(Utterance)}
     values = {k: v for k, v in row.items() if k in known}
     values["offset"] = None if offset is None else float(offset)
@@ -182,8 +193,9 @@ def read_manifest(path: str | Path) -> tuple[list[Utterance], list[str]]:
 def iter_rows(utterances: Iterable[Utterance]) -> Iterator[str]:
     for utt in utterances:
         row = asdict(utt)
-        if row["offset"] is None:
-            del row["offset"]  # whole-file rows keep the original layout
+        for key in ("offset", "channel"):
+            if row[key] is None:
+                del row[key]  # rows without them keep the original layout
         yield json.dumps(row, ensure_ascii=False)
 
 

@@ -361,10 +361,13 @@ def read_lhotse(path: str | Path, *, verify: bool = False) -> ReadResult:
 
     A cut that covers its whole recording becomes a whole-file row (``offset`` None); a cut
     that is a segment of a longer recording becomes the region row ``offset=cut.start``,
-    ``duration=cut.duration`` (a segment starting at 0 s included). Skipped with a problem
-    line: a segment reaching past its recording's end, one channel of a multi-channel file
-    (``Utterance`` has no channel field; all channels are averaged), audio behind a transform
-    other than Resample (speed, volume...), recordings that are not one local file. Text,
+    ``duration=cut.duration`` (a segment starting at 0 s included). A cut of one channel of a
+    multi-channel recording reads that channel alone (``Utterance.channel``, the column of the
+    source file that holds it; a recording with one file per channel reads that file); a cut
+    of all channels averages them. Skipped with a problem line: a segment reaching past its
+    recording's end, a cut of several but not all channels, audio behind a transform other
+    than Resample (speed, volume...), sources that are not local files, and a recording of
+    several files read whole (all channels). Text,
     language and speaker come from the cut's supervisions. Relative source paths follow
     lhotse (relative to the working directory), falling back to the manifest's folder; paths
     are returned absolute.
@@ -408,22 +411,34 @@ def read_lhotse(path: str | Path, *, verify: bool = False) -> ReadResult:
 def _recording_to_utterance(
     recording: Any, manifest_dir: Path, where: str, problems: list[str]
 ) -> Utterance | None:
-    audio = _recording_file(recording, manifest_dir, where, problems)
-    if audio is None:
+    found = _recording_file(recording, manifest_dir, where, problems)
+    if found is None:
         return None
-    return Utterance(id=recording.id, path=str(audio), duration=float(recording.duration))
+    return Utterance(id=recording.id, path=str(found[0]), duration=float(recording.duration))
 
 
 def _recording_file(
-    recording: Any, manifest_dir: Path, where: str, problems: list[str]
-) -> Path | None:
-    if len(recording.sources) != 1:
+    recording: Any, manifest_dir: Path, where: str, problems: list[str], channel: int | None = None
+) -> tuple[Path, int | None] | None:
+    """The local file that holds ``channel`` of ``recording`` (None: all channels, which must
+    be one file) and the column to read in it (None: the file's only channel, or all)."""
+    if channel is None and len(recording.sources) != 1:
         problems.append(
-            f"{where}: recording '{recording.id}' has {len(recording.sources)} sources; "
-            f"colld reads one file per utterance"
+            f"{where}: recording '{recording.id}' has {len(recording.sources)} sources read as "
+            f"one (all channels); colld reads one file per utterance, or one channel"
         )
         return None
-    source = recording.sources[0]
+    sources = [s for s in recording.sources if channel is None or channel in s.channels]
+    if not sources:
+        problems.append(
+            f"{where}: recording '{recording.id}' has no source for channel {channel} (its "
+            f"channels: {recording.channel_ids})"
+        )
+        return None
+    source = sources[0]
+    column = (
+        None if channel is None or len(source.channels) == 1 else source.channels.index(channel)
+    )
     if source.type != "file":
         problems.append(
             f"{where}: recording '{recording.id}' has a '{source.type}' source; colld reads "
@@ -447,7 +462,7 @@ def _recording_file(
             problems.append(outside_root_problem(where, recording.id, source.source, top))
             return None
         audio = (base / audio).absolute()
-    return audio
+    return audio, column
 
 
 def _cut_to_utterance(
@@ -466,15 +481,19 @@ def _cut_to_utterance(
         return None
     whole = cut.start <= tolerance and abs(cut.duration - recording.duration) <= tolerance
     channels = cut.channel if isinstance(cut.channel, list) else [cut.channel]
-    if recording.num_channels > 1 and sorted(channels) != sorted(recording.channel_ids):
+    every = recording.num_channels == 1 or sorted(channels) == sorted(recording.channel_ids)
+    if not every and len(channels) != 1:
         problems.append(
-            f"{where}: cut '{cut.id}' uses channel(s) {channels} of a {recording.num_channels}-"
-            f"channel recording; colld reads all channels averaged (no channel field)"
+            f"{where}: cut '{cut.id}' uses channels {channels} of a {recording.num_channels}-"
+            f"channel recording; colld reads one channel, or all channels averaged"
         )
         return None
-    audio = _recording_file(recording, manifest_dir, where, problems)
-    if audio is None:
+    found = _recording_file(
+        recording, manifest_dir, where, problems, channel=None if every else channels[0]
+    )
+    if found is None:
         return None
+    audio, column = found
     supervisions = cut.supervisions or []
     texts = [s.text for s in supervisions if s.text]
     return Utterance(
@@ -482,6 +501,7 @@ def _cut_to_utterance(
         path=str(audio),
         duration=float(cut.duration),
         offset=None if whole else float(cut.start),
+        channel=column,
         text=" ".join(texts) or None,
         language=_single({s.language for s in supervisions}),
         voice=_single({s.speaker for s in supervisions}),

@@ -129,14 +129,17 @@ def plan_segments(
 
 
 def data_record(utterances: Sequence[Utterance]) -> dict[str, Any]:
-    """Count and hash of the utterances (id, path, start, duration, in order).
+    """Count and hash of the utterances (id, path, start, duration[, channel], in order).
 
     A whole-file row hashes as a region from 0 (its ``start``): both plan the same segments,
     and caches built before regions existed (when every row had a number here) stay valid.
+    A row's channel enters the hash only when it names one, for the same reason.
     """
     digest = hashlib.blake2b(digest_size=12)
     for utt in utterances:
-        digest.update(f"{utt.id}\t{utt.path}\t{utt.start:.6f}\t{utt.duration:.6f}\n".encode())
+        channel = "" if utt.channel is None else f"\tchannel={utt.channel}"
+        line = f"{utt.id}\t{utt.path}\t{utt.start:.6f}\t{utt.duration:.6f}{channel}\n"
+        digest.update(line.encode())
     return {"num_utterances": len(utterances), "hash": digest.hexdigest()}
 
 

@@ -20,19 +20,25 @@ from colld.data.manifest import Utterance
 
 
 def load_utterance(utt: Utterance, root: str | Path, sample_rate: int) -> np.ndarray:
-    """The audio of one row at ``sample_rate``: its whole file, or exactly its region.
+    """The audio of one row at ``sample_rate``: its whole file, or exactly its region; its
+    channel when the row names one (else all channels averaged).
 
     root: the folder a relative ``utt.path`` is resolved against.
     Shape: (S,) float32. Raises AudioError naming the path (see ``load_region``).
     """
     path = utt.resolved_path(Path(root))
     if not utt.is_region:
-        return load_audio(path, sample_rate)
-    return load_region(path, sample_rate, utt.start, utt.duration)
+        return load_audio(path, sample_rate, channel=utt.channel)
+    return load_region(path, sample_rate, utt.start, utt.duration, channel=utt.channel)
 
 
 def load_region(
-    path: str | Path, sample_rate: int, offset_s: float, duration_s: float
+    path: str | Path,
+    sample_rate: int,
+    offset_s: float,
+    duration_s: float,
+    *,
+    channel: int | None = None,
 ) -> np.ndarray:
     """Exactly [offset_s, offset_s + duration_s) of ``path`` (seconds at the file's own rate;
     a region reaching past the end gives what is there, as ``load_audio``).
@@ -42,7 +48,9 @@ def load_region(
     after the file's end (libsndfile's own message for that is a failed seek).
     """
     try:
-        return load_audio(path, sample_rate, offset_s=offset_s, duration_s=duration_s)
+        return load_audio(
+            path, sample_rate, offset_s=offset_s, duration_s=duration_s, channel=channel
+        )
     except AudioError as err:
         if err.reason not in ("empty", "unreadable"):
             raise

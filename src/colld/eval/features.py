@@ -6,9 +6,12 @@ on the CPU. Probes (``colld.eval.probes``) then train on these without touching 
 
 Batching: utterances are sorted by duration and grouped up to ``batch_seconds`` of audio, padded
 with ``pad_features``; the encoders' key-padding masks make a padded clip's valid frames equal
-to the clip run alone (tests/eval/test_features.py). One exception: wav2vec 2.0-family models
-whose first conv has group norm (``feat_extract_norm="group"``, e.g. wav2vec2-base) normalise
-over the padded length too, so they are run one clip at a time.
+to the clip run alone (tests/eval/test_features.py). Two exceptions are run one clip at a time
+(``batch_invariant``): wav2vec 2.0-family models whose first conv has group norm
+(``feat_extract_norm="group"``, e.g. wav2vec2-base) normalise over the padded length too, and
+data2vec-audio's stacked positional convolutions see the padding from their second layer on
+(HF zeroes it only before the first; the last frames of a shorter clip differed by up to 2.0 on
+a tiny model, tests/deploy/test_s3prl.py).
 
 Cache: with ``cache_dir``, one safetensors file per (model fingerprint, front end, utterance
 list). Its key hashes the fingerprint, the front end's settings and the (id, path, duration) of
@@ -191,7 +194,7 @@ def _encoder_states(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All hidden states of every usable clip. Shape per utterance: (L + 1, T_n, D) float16."""
     encoder.to(device).eval()
-    max_seconds = 0.0 if not _batch_invariant(encoder) else batch_seconds
+    max_seconds = 0.0 if not batch_invariant(encoder) else batch_seconds
     states: dict[str, Tensor] = {}
     skipped: dict[str, str] = {}
     bar = tqdm(
@@ -292,9 +295,12 @@ def _too_long(encoder: SpeechEncoder, front_end: FrontEnd, num_inputs: int) -> s
     return None
 
 
-def _batch_invariant(encoder: SpeechEncoder) -> bool:
-    """False where padding changes valid frames: a group-normed first conv (wav2vec2-base)."""
+def batch_invariant(encoder: SpeechEncoder) -> bool:
+    """False where padding changes valid frames: a group-normed first conv (wav2vec2-base) or
+    data2vec-audio's stacked positional convolutions (see the module docstring)."""
     config = getattr(getattr(encoder, "model", None), "config", None)
+    if getattr(config, "model_type", None) == "data2vec-audio":
+        return False
     return getattr(config, "feat_extract_norm", None) != "group"
 
 
@@ -305,14 +311,16 @@ def _skip(skipped: dict[str, str], utt: Utterance, reason: str) -> None:
 
 # ---------------------------------------------------------------- cache
 def _row_key(u: Utterance) -> list[object]:
-    """A row's part of the cache key; whole-file rows keep the key they had before regions."""
+    """A row's part of the cache key; whole-file, all-channel rows keep the key they had
+    before regions and channels existed."""
     key: list[object] = [u.id, u.path, round(float(u.duration), 6)]
-    return [*key, round(float(u.start), 6)] if u.is_region else key
+    key = [*key, round(float(u.start), 6)] if u.is_region else key
+    return key if u.channel is None else [*key, {"channel": u.channel}]
 
 
 def cache_key(fingerprint: str, front_end: FrontEnd, utterances: Sequence[Utterance]) -> str:
     """sha256 over the model fingerprint, the front end's settings and every (id, path,
-    duration[, offset of a region row]) in order: a different model, front end or utterance
+    duration[, offset of a region row][, channel]) in order: a different model, front end or utterance
     list gives another key."""
     payload = {
         "version": CACHE_VERSION,

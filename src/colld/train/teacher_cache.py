@@ -164,7 +164,9 @@ class _ChunkDataset(Dataset):
             path = segment.utterance.resolved_path(self.root)
             try:
                 rate = self.frontend.sample_rate
-                waveform = load_region(path, rate, segment.offset, segment.duration)
+                waveform = load_region(
+                    path, rate, segment.offset, segment.duration, channel=segment.utterance.channel
+                )
                 out.append((segment, self.frontend(waveform), waveform.shape[0], None))
             except (AudioError, OSError) as err:
                 reason = f"{getattr(err, 'reason', 'unreadable')}: {err}"
