@@ -19,6 +19,14 @@ layer: the hook of that layer raises a private exception that ends the forward p
 (fairseq2's layer-hook early stop). When L is requested the model runs to the end of its
 encoder.
 
+Padding: a padded utterance gives the same valid frames as the utterance alone, in every family
+whose feature encoder does not normalise over time (group-normed wav2vec 2.0 base does; run it
+one clip at a time). For data2vec-audio that needs one fix: HF (like fairseq) zeroes the
+padded frames only before the first of its stacked positional convolutions, so the later ones
+read the previous layer's activations of the padding and the last frames of a shorter clip
+change with the batch (by up to 2.0 on a tiny model). This adapter zeroes the padding before
+every positional conv layer, which is what a clip alone sees (the convs' own zero padding).
+
 Masking is fully under colld's control. The model replaces the frames given as
 ``mask_time_indices`` by its own ``masked_spec_embed`` after the feature projection and before
 the positional convolution (relative positions for w2v-BERT). HF only creates that parameter
@@ -194,7 +202,7 @@ class HFSpeechEncoder(SpeechEncoder):
 
         states: dict[int, Tensor] = {}
         ffn: dict[int, Tensor] = {}
-        with self._recording(wanted, return_ffn, states, ffn):
+        with self._recording(wanted, return_ffn, states, ffn), self._padding_zeroed(lengths):
             try:
                 self.model(
                     features, attention_mask=attention_mask, mask_time_indices=mask_time_indices
@@ -276,6 +284,28 @@ class HFSpeechEncoder(SpeechEncoder):
         if not has_embed:
             return None  # mask_time_prob == 0: HF draws no mask of its own either
         return torch.zeros(batch_size, num_frames, dtype=torch.bool, device=features.device)
+
+    @contextmanager
+    def _padding_zeroed(self, lengths: Tensor) -> Iterator[None]:
+        """Zero the padded frames before every stacked positional conv layer after the first
+        (data2vec-audio; HF zeroes them before the first only). lengths: Shape: (B,)."""
+        pos_conv = getattr(self.model.encoder, "pos_conv_embed", None)
+        conv_layers = getattr(pos_conv, "layers", None)
+        if not isinstance(conv_layers, nn.ModuleList) or len(conv_layers) < 2:
+            yield
+            return
+
+        def zero_padding(_module: nn.Module, args: tuple) -> tuple:
+            (states,) = args  # Shape: (B, D, T)
+            valid = torch.arange(states.shape[-1], device=states.device) < lengths[:, None]
+            return (states * valid[:, None, :].to(states.dtype),)
+
+        handles = [layer.register_forward_pre_hook(zero_padding) for layer in conv_layers[1:]]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def _recording(

@@ -6,12 +6,10 @@ on the CPU. Probes (``colld.eval.probes``) then train on these without touching 
 
 Batching: utterances are sorted by duration and grouped up to ``batch_seconds`` of audio, padded
 with ``pad_features``; the encoders' key-padding masks make a padded clip's valid frames equal
-to the clip run alone (tests/eval/test_features.py). Two exceptions are run one clip at a time
-(``batch_invariant``): wav2vec 2.0-family models whose first conv has group norm
-(``feat_extract_norm="group"``, e.g. wav2vec2-base) normalise over the padded length too, and
-data2vec-audio's stacked positional convolutions see the padding from their second layer on
-(HF zeroes it only before the first; the last frames of a shorter clip differed by up to 2.0 on
-a tiny model, tests/deploy/test_s3prl.py).
+to the clip run alone (tests/eval/test_features.py; for data2vec-audio through the adapter's
+own fix, ``colld.encoders.hf``). One exception is run one clip at a time (``batch_invariant``):
+wav2vec 2.0-family models whose first conv has group norm (``feat_extract_norm="group"``, e.g.
+wav2vec2-base) normalise over the padded length too.
 
 Cache: with ``cache_dir``, one safetensors file per (model fingerprint, front end, utterance
 list). Its key hashes the fingerprint, the front end's settings and the (id, path, duration) of
@@ -296,11 +294,8 @@ def _too_long(encoder: SpeechEncoder, front_end: FrontEnd, num_inputs: int) -> s
 
 
 def batch_invariant(encoder: SpeechEncoder) -> bool:
-    """False where padding changes valid frames: a group-normed first conv (wav2vec2-base) or
-    data2vec-audio's stacked positional convolutions (see the module docstring)."""
+    """False where padding changes valid frames: a group-normed first conv (wav2vec2-base)."""
     config = getattr(getattr(encoder, "model", None), "config", None)
-    if getattr(config, "model_type", None) == "data2vec-audio":
-        return False
     return getattr(config, "feat_extract_norm", None) != "group"
 
 
