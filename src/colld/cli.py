@@ -85,11 +85,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers") from None
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from colld.experiments.runner import Options, run_experiment
 
     cells = tuple(args.cells.split(",")) if args.cells else ()
-    run_experiment(Options(args.name, args.quick, args.out, cells, args.runs))
+    seeds = tuple(_int_list("--seeds", args.seeds)) if args.seeds else ()
+    run_experiment(Options(args.name, args.quick, args.out, cells, args.runs, seeds))
     return 0
 
 
@@ -121,8 +129,14 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if not args.onnx and not args.s3prl:
+        raise ValueError("choose an export format: --onnx and/or --s3prl DIR")
+    if args.s3prl:
+        from colld.deploy.s3prl import write_s3prl_upstream
+
+        print(write_s3prl_upstream(args.model, args.s3prl).summary())
     if not args.onnx:
-        raise ValueError("choose an export format: --onnx (the only one so far)")
+        return 0
     from colld.deploy.check import REPORT_FILE, export_and_check
     from colld.eval.models import describe, file_slug
 
@@ -139,6 +153,46 @@ def _export(args: argparse.Namespace) -> int:
     print(f"{', '.join(report.files.values())} and {REPORT_FILE} written to {out} "
           f"(opset {report.opset}; clips: {report.clips})\n\n{report.table()}")  # fmt: skip
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from colld.finetune.config import load_finetune_config
+    from colld.finetune.recipe import finetune, score_table
+
+    overrides = [f"model.spec={args.model}"]
+    if args.units:
+        overrides.append(f"ctc.units={args.units}")
+    if args.data:
+        overrides.append(f"data.train={args.data}")
+    if args.out:
+        overrides.append(f"train.output_dir={args.out}")
+    cfg = load_finetune_config(args.config, overrides + list(args.overrides))
+    result = finetune(cfg, resume=args.resume)
+    print(f"CTC model written to {result.model_dir}\n\n{score_table(result.scores)}")
+    return 0
+
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an encoder end to end with a CTC head (characters or IPA phonemes); "
+        "report CER / PER on the test split",
+    )
+    p.add_argument("model", help="a student directory or a teacher spec")
+    p.add_argument("--task", required=True, choices=["ctc"], help="the fine-tuning task")
+    p.add_argument("--units", choices=["chars", "phonemes"], default=None,
+                   help="CTC units (ctc.units; default chars)")  # fmt: skip
+    p.add_argument("--config", help="YAML file of fine-tuning config overrides")
+    p.add_argument("--data", help="transcribed training data (data.train; default: the "
+                   "corpus' probe-train)")  # fmt: skip
+    p.add_argument("--out", help="run directory (train.output_dir; default runs/finetune)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    # nargs="+" made optional by hand, not "*": before Python 3.12 argparse gives a "*"
+    # positional an empty match right after MODEL, so `MODEL --task ctc a.b=c` would fail.
+    overrides = p.add_argument("overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                               help="config overrides like train.lr=3e-5")  # fmt: skip
+    overrides.required = False
+    p.set_defaults(func=_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells", default=None, help="comma-separated subset of the grid's cells")
     p.add_argument("--runs", default=None, help="runs folder (default runs/experiments; quick: "
                    "runs/experiments-quick)")  # fmt: skip
+    p.add_argument("--seeds", default=None, help="comma-separated subset of the budget's "
+                   "distillation seeds (e.g. 0: one run of every cell first)")  # fmt: skip
     p.set_defaults(func=_experiment)
 
     data = sub.add_parser("data", help="corpus tools").add_subparsers(
@@ -233,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export an encoder to ONNX (dynamic batch and time; every hidden state), "
-        "optionally int8, checked against PyTorch",
+        "optionally int8, checked against PyTorch; or as an s3prl upstream (SUPERB)",
     )
     p.add_argument("model", help="a student directory or a teacher spec")
-    p.add_argument("--onnx", action="store_true", help="write model.onnx (required for now)")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx")
+    p.add_argument("--s3prl", default=None, metavar="DIR", help="write expert.py and hubconf.py "
+                   "of an s3prl upstream to DIR (<s3prl>/s3prl/upstream/<entry name>)")  # fmt: skip
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic)")
     p.add_argument("--out", default=None, help="output folder (default runs/onnx/<model>)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
@@ -246,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="fp32 bound: max abs diff <= tolerance * max(1, |torch| max)")  # fmt: skip
     p.set_defaults(func=_export)
+    _add_finetune_parser(sub)
     return parser
 
 

@@ -278,7 +278,19 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:
     """Defaults, then the YAML file's values, then ``a.b=c`` overrides; validated once."""
-    tree: dict[str, Any] = {}
+    cfg = from_dict(RunConfig, config_tree(path, overrides))
+    validate(cfg)
+    return resolve(cfg)
+
+
+def config_tree(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The nested dict of ``base`` (default values that differ from the dataclasses'), then the
+    YAML file's values, then ``a.b=c`` overrides; not yet checked (``from_dict`` does that)."""
+    tree: dict[str, Any] = _merge({}, base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -293,9 +305,7 @@ def load_config(
     for text in overrides:
         keys, value = parse_override(text)
         _set_nested(tree, keys, value)
-    cfg = from_dict(RunConfig, tree)
-    validate(cfg)
-    return resolve(cfg)
+    return tree
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -308,38 +318,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model: ranges and combinations. Model-dependent checks (layer map
     against depths, student size against the teacher) run right after the teacher loads."""
-    d, t = cfg.data, cfg.train
-    positive = {
-        "data.batch_seconds": d.batch_seconds,
-        "data.max_duration": d.max_duration,
-        "data.corpus_hours": d.corpus_hours,
-        "train.max_steps": t.max_steps,
-        "train.lr": t.lr,
-        "train.grad_accum": t.grad_accum,
-        "train.log_every": t.log_every,
-        "train.ckpt_every": t.ckpt_every,
-        "train.keep_last": t.keep_last,
-        "train.max_bad_steps": t.max_bad_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, found {value}")
-    non_negative = {
-        "data.num_workers": d.num_workers,
-        "train.warmup_steps": t.warmup_steps,
-        "train.weight_decay": t.weight_decay,
-        "train.grad_clip": t.grad_clip,
-        "train.eval_every": t.eval_every,
-        "train.eval_batches": t.eval_batches,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, found {value}")
-    if d.batch_seconds < d.max_duration:
-        raise ConfigError(
-            f"data.batch_seconds ({d.batch_seconds}) must be at least data.max_duration "
-            f"({d.max_duration}) so that one cropped utterance fits a batch"
-        )
+    d = cfg.data
+    validate_batching(d, "one cropped utterance")
+    validate_train(cfg.train)
     if d.target_cache is not None and not d.target_cache.strip():
         raise ConfigError("data.target_cache must name a directory or be null, found ''")
     if d.target_cache is not None and d.augment.enabled:
@@ -348,11 +329,63 @@ def validate(cfg: RunConfig) -> None:
             "teacher's targets for un-augmented segments, while augmented audio changes every "
             "epoch; turn one of them off"
         )
+    cfg.objective.validate_static()
+
+
+def validate_batching(d: Any, unit: str) -> None:
+    """The ``data`` section's sizes (shared by every recipe): positive sizes, workers >= 0, and
+    ``batch_seconds >= max_duration`` so that ``unit`` (what max_duration bounds) fits a batch."""
+    check_ranges(
+        positive={
+            "data.batch_seconds": d.batch_seconds,
+            "data.max_duration": d.max_duration,
+            "data.corpus_hours": d.corpus_hours,
+        },
+        non_negative={"data.num_workers": d.num_workers},
+    )
+    if d.batch_seconds < d.max_duration:
+        raise ConfigError(
+            f"data.batch_seconds ({d.batch_seconds}) must be at least data.max_duration "
+            f"({d.max_duration}) so that {unit} fits a batch"
+        )
+
+
+def check_ranges(
+    *, positive: dict[str, float] | None = None, non_negative: dict[str, float] | None = None
+) -> None:
+    """ConfigError naming the first key whose value is not > 0 (``positive``) or >= 0."""
+    for key, value in (positive or {}).items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, found {value}")
+    for key, value in (non_negative or {}).items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, found {value}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """The checks of the ``train`` section (shared by every recipe that uses TrainConfig)."""
+    check_ranges(
+        positive={
+            "train.max_steps": t.max_steps,
+            "train.lr": t.lr,
+            "train.grad_accum": t.grad_accum,
+            "train.log_every": t.log_every,
+            "train.ckpt_every": t.ckpt_every,
+            "train.keep_last": t.keep_last,
+            "train.max_bad_steps": t.max_bad_steps,
+        },
+        non_negative={
+            "train.warmup_steps": t.warmup_steps,
+            "train.weight_decay": t.weight_decay,
+            "train.grad_clip": t.grad_clip,
+            "train.eval_every": t.eval_every,
+            "train.eval_batches": t.eval_batches,
+        },
+    )
     if t.warmup_steps >= t.max_steps and t.schedule != "constant_with_warmup":
         raise ConfigError(
             f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps ({t.max_steps})"
         )
-    cfg.objective.validate_static()
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

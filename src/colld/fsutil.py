@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +33,32 @@ def write_text_atomic(path: str | Path, text: str, *, mode: int = 0o644) -> Path
 def write_json_atomic(path: str | Path, data: Any, *, indent: int = 2) -> Path:
     """``data`` as JSON (UTF-8, non-ASCII kept), written atomically."""
     return write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling, then put it at ``out_dir`` in one rename (an
+    existing ``out_dir`` is moved aside first, then removed). The caller writes into the
+    yielded path; on any error the temporary directory is removed and ``out_dir`` is left as
+    it was. The directory ends up 0o755 and its top-level files 0o644 (an exported model is meant to be
+    shared; mkdtemp makes it private)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for item in tmp.iterdir():
+            if item.is_file():
+                os.chmod(item, 0o644)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old.rmdir()
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -3,7 +3,11 @@ its test dummies). Nothing here is used by training."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +237,44 @@ def fake_result(
         "mimicry": None,
         **extra,
     }
+
+
+def kill_when(
+    proc: subprocess.Popen,
+    reached: Callable[[], bool],
+    what: str,
+    log: Path,
+    timeout_s: float = 120.0,
+) -> None:
+    """SIGKILL ``proc`` as soon as ``reached()`` is true (polled every 5 ms), for resume tests.
+    Fails (AssertionError with the log's tail) if the process ends first or ``timeout_s``
+    passes."""
+    deadline = time.monotonic() + timeout_s
+    while not reached():
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}:\n{tail}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def logged_steps(run_dir: Path, key: str | None = None) -> list[int]:
+    """The steps of the rows of ``run_dir/metrics.jsonl`` (only rows holding ``key`` if given),
+    in file order; a row being written is ignored."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "step" in row and (key is None or key in row):
+            steps.append(row["step"])
+    return steps

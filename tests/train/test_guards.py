@@ -21,6 +21,7 @@ from colld.cli import main
 from colld.teachers.hf import TeacherLoadError, load_hf_teacher
 from colld.testing import (
     harmonic_tone,
+    logged_steps,
     tiny_distill_argv,
     tiny_teacher_dir,
     write_tones,
@@ -60,11 +61,6 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
     return tiny_distill_argv(teacher, data, tmp_path / "run", *SHORT, *extra)
 
 
-def _train_steps(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if "train/loss" in r]
-
-
 def _skip_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records if "non-finite loss or gradient" in r.getMessage()
@@ -82,7 +78,9 @@ def test_poisoned_batch_is_skipped_logged_with_its_ids_and_training_goes_on(
     skipped = _skip_lines(caplog)
     assert skipped, "the poisoned file was never drawn"
     assert all("batch ids: " in line and POISON in line for line in skipped)
-    assert _train_steps(tmp_path / "run") == list(range(1, 9))  # skipped updates are not steps
+    assert logged_steps(tmp_path / "run", "train/loss") == list(
+        range(1, 9)
+    )  # skipped updates are not steps
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -110,7 +108,7 @@ def test_bad_updates_in_a_row_stop_with_a_message_and_a_resumable_checkpoint(
     caplog.set_level(logging.INFO, logger="colld.train.recipe")
     assert main(["distill", "--resume", *_args(tmp_path, "train.max_steps=10")[1:]]) == 0
     assert any("resumed from" in r.getMessage() for r in caplog.records)
-    assert _train_steps(tmp_path / "run")[-1] == 10
+    assert logged_steps(tmp_path / "run", "train/loss")[-1] == 10
 
 
 def test_nan_gradient_with_a_finite_loss_is_skipped(
@@ -134,7 +132,7 @@ def test_nan_gradient_with_a_finite_loss_is_skipped(
     (line,) = _skip_lines(caplog)
     assert line.startswith("step 1: non-finite") and "grad norm nan" in line
     assert "loss nan" not in line  # the loss itself was finite
-    assert _train_steps(tmp_path / "run") == [1, 2, 3]
+    assert logged_steps(tmp_path / "run", "train/loss") == [1, 2, 3]
 
 
 class _Payload:

@@ -4,13 +4,10 @@ are refused by name."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from colld.cli import main
-from colld.testing import tiny_distill_argv, tiny_teacher_dir, write_tones
+from colld.testing import kill_when, logged_steps, tiny_distill_argv, tiny_teacher_dir, write_tones
 from colld.train.checkpoint import STALL_ENV, latest_checkpoint, list_checkpoints, load_checkpoint
 
 MAX_STEPS = 10
@@ -84,34 +81,6 @@ def restore_determinism() -> Iterator[None]:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def _kill_when(proc: subprocess.Popen, reached, what: str, log: Path) -> None:
-    """SIGKILL ``proc`` as soon as ``reached()`` is true (polled every 5 ms)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not reached():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {what}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-
-
-def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass  # a row being written
-    return steps
-
-
 def _assert_same_weights(run_dir: Path, reference: Path) -> None:
     for name in ("student/model.safetensors", "student/distill_heads.safetensors"):
         got, want = load_file(str(run_dir / name)), load_file(str(reference / name))
@@ -133,7 +102,7 @@ def _kill_resume_cycle(tmp_path: Path, family: str, seed: int, deterministic: bo
     flag = f"train.deterministic={str(deterministic).lower()}"
     assert main(_args(tmp_path, family, "reference", flag)) == 0
     reference = tmp_path / "reference"
-    assert _logged_steps(reference) == list(range(1, MAX_STEPS + 1))
+    assert logged_steps(reference) == list(range(1, MAX_STEPS + 1))
 
     rng = random.Random(seed)
     kill_step = rng.randint(1, MAX_STEPS - 4)
@@ -141,7 +110,13 @@ def _kill_resume_cycle(tmp_path: Path, family: str, seed: int, deterministic: bo
     resume_args = ["distill", "--resume", *args[1:]]
     run_dir = tmp_path / "killed"
     proc = _start(args, log)
-    _kill_when(proc, lambda: max(_logged_steps(run_dir), default=0) >= kill_step, "the kill", log)
+    kill_when(
+        proc,
+        lambda: max(logged_steps(run_dir), default=0) >= kill_step,
+        "the kill",
+        log,
+        STARTUP_TIMEOUT_S,
+    )
     before = latest_checkpoint(run_dir)
     resumed_from = 0 if before is None else load_checkpoint(before, restore_rng=False).state.step
     assert resumed_from < MAX_STEPS
@@ -150,7 +125,13 @@ def _kill_resume_cycle(tmp_path: Path, family: str, seed: int, deterministic: bo
     stall_step = min((resumed_from // CKPT_EVERY + 2) * CKPT_EVERY, MAX_STEPS)
     marker = f"{STALL_ENV}={stall_step}: stalling"
     proc = _start(resume_args, log, **{STALL_ENV: str(stall_step)})
-    _kill_when(proc, lambda: marker in log.read_text(), "the stalled checkpoint write", log)
+    kill_when(
+        proc,
+        lambda: marker in log.read_text(),
+        "the stalled checkpoint write",
+        log,
+        STARTUP_TIMEOUT_S,
+    )
     partial = list((run_dir / "checkpoints").glob(f".tmp-step_{stall_step:08d}-*"))
     assert len(partial) == 1 and (partial[0] / "trainable.safetensors").is_file()
     assert not (partial[0] / "state.json").exists()
@@ -161,7 +142,7 @@ def _kill_resume_cycle(tmp_path: Path, family: str, seed: int, deterministic: bo
     assert torch.get_num_threads() == 1
     assert main(resume_args) == 0
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the partial write is gone
-    assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))  # each step logged once
+    assert logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))  # each step logged once
     _assert_same_weights(run_dir, reference)
 
 

@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +53,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from colld.encoders import wrap_encoder
 from colld.encoders.base import SpeechEncoder
+from colld.fsutil import atomic_dir
 from colld.students.build import EXPORT_OVERRIDES_ATTR
 from colld.students.card import CARD_FILE, render_card, student_facts
 from colld.teachers.base import LoadedModel
@@ -85,10 +83,7 @@ def export_student(
     """
     out_dir = Path(out_dir)
     files = _training_only_files(student, extra_files or {})
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an exported model is meant to be shared
-    try:
+    with atomic_dir(out_dir) as tmp:
         student.model.save_pretrained(tmp)
         _write_export_config(student, tmp)
         feature_extractor.save_pretrained(tmp)
@@ -103,12 +98,6 @@ def export_student(
             (tmp / PROVENANCE_FILE).write_text(text + "\n", encoding="utf-8")
         card = render_card(student_facts(student), metadata, name=out_dir.name)
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-        for item in tmp.iterdir():
-            os.chmod(item, 0o644)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %s student to %s", student.family, out_dir)
     return out_dir
 
@@ -212,18 +201,6 @@ def _write_export_config(student: SpeechEncoder, directory: Path) -> None:
             continue
         setattr(config, key, value)
     config.save_pretrained(directory)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then removed."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
 
 
 def _load_wrapper_tensors(encoder: SpeechEncoder, tensors: dict[str, Tensor], where: Path) -> None:

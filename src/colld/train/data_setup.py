@@ -128,18 +128,21 @@ def build_data(
     *,
     sources: Sources | None = None,
     target_cache: TargetCache | None = None,
+    crop: bool = True,
 ) -> tuple[BatchStream, BatchStream | None]:
     """Loaders for this process' share of the training data and for the dev data.
 
     sources: ``resolve_sources(cfg, seed)`` when already called (None = call it here).
     target_cache: an opened, verified cache of the training data; training batches are then
         its segments, whole, with their cached targets. Dev data always runs the teacher.
+    crop: cut utterances longer than ``cfg.max_duration`` to random segments (distillation);
+        False = always whole (fine-tuning on transcripts, whose caller drops long ones).
     """
     frontend = FrontEnd(feature_extractor)
     (train_utts, train_root), dev = sources if sources is not None else resolve_sources(cfg, seed)
     common: dict[str, Any] = dict(
         batch_seconds=cfg.batch_seconds,
-        max_duration=cfg.max_duration,
+        max_duration=cfg.max_duration if crop else None,
         seed=seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,

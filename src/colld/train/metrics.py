@@ -84,7 +84,15 @@ def parameter_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 class RunLogger:
     """Writes only on the main process; other ranks get a silent logger."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        desc: str = "distill",
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self._writer = None
@@ -100,7 +108,7 @@ class RunLogger:
         self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self._bar = tqdm(
-            total=total_steps, initial=start_step, desc="distill", unit="step", dynamic_ncols=True
+            total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True
         )
 
     def start_window(self, audio_seconds: float) -> None:

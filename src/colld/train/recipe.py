@@ -2,6 +2,12 @@
 
 Runs unchanged on one CPU, one GPU, or many processes under ``accelerate launch`` /
 ``torchrun`` (HF Accelerate does all distributed work; colld has none of its own).
+
+The loop itself (``train_update``, ``train_loop``, ``evaluate_dev``, ``_save``,
+``run_training``) works on a ``TrainRun``: a trained module, a ``LossFn`` and the optimisation
+state. Distillation (``Run``, below) and CTC fine-tuning (``colld.finetune.recipe``) are two
+such runs, so both share the update, gradient accumulation, NaN guard, checkpoints, exact
+resume and progress display; ``start_training`` is their shared setup tail.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from torch import nn
 from transformers import get_scheduler
 
 from colld import __version__
@@ -73,6 +81,10 @@ class BadStepsError(RunStoppedError):
     """Too many non-finite steps in a row."""
 
 
+LossFn = Callable[[nn.Module, Batch, torch.Generator], LossOutput]
+"""(the trained module as prepared, a batch on the device, the step's generator) -> loss."""
+
+
 def set_deterministic(enabled: bool) -> None:
     """``train.deterministic``: deterministic kernels everywhere (see TrainConfig). cuBLAS
     reads its workspace setting when it starts, so it is set before any CUDA work."""
@@ -97,14 +109,23 @@ def dropout_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 0x9E3779B9) % (2**63 - 1)
 
 
-@dataclass
-class Run:
-    cfg: RunConfig
+@dataclass(kw_only=True)
+class TrainRun:
+    """What the shared loop needs.
+
+    cfg: the run's config; the loop reads ``cfg.train`` (a ``TrainConfig``) only.
+    module: the trained module as prepared by Accelerate (possibly DDP-wrapped).
+    loss_fn: the loss of one batch (see ``LossFn``).
+    dev_metrics: the dev evaluation, called with the module in eval mode under no_grad;
+        returns named scalars. None = ``mean_dev_loss`` (the mean of ``loss_fn`` on dev).
+    selection_key: the scalar of ``dev_metrics`` whose lowest value after step 0 is the best
+        step (kept as ``TrainState.best_dev_loss`` / ``best_step``).
+    """
+
+    cfg: Any
     accelerator: Accelerator
-    teacher: LoadedModel
-    student: SpeechEncoder
-    objective: DistillObjective
-    distiller: torch.nn.Module  # the prepared (possibly DDP-wrapped) Distiller
+    module: nn.Module
+    loss_fn: LossFn
     optimizer: torch.optim.Optimizer
     scheduler: object
     train: BatchStream
@@ -112,7 +133,32 @@ class Run:
     state: TrainState
     run_dir: Path
     logger: RunLogger
+    dev_metrics: Callable[[TrainRun], dict[str, float]] | None = None
+    selection_key: str = "dev/loss"
     bad_batch_ids: list[str] = field(default_factory=list)  # of the last skipped update
+
+
+@dataclass(kw_only=True)
+class Run(TrainRun):
+    """A distillation run: the shared loop's state plus the teacher, student and objective."""
+
+    teacher: LoadedModel
+    student: SpeechEncoder
+    objective: DistillObjective
+
+    @property
+    def distiller(self) -> nn.Module:
+        """The prepared (possibly DDP-wrapped) Distiller."""
+        return self.module
+
+
+def distill_loss_fn(teacher: SpeechEncoder, objective: DistillObjective) -> LossFn:
+    """Distillation's ``LossFn``: ``distill_loss`` against the frozen ``teacher``."""
+
+    def loss(module: nn.Module, batch: Batch, generator: torch.Generator) -> LossOutput:
+        return distill_loss(module, teacher, objective, batch, generator)
+
+    return loss
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -140,13 +186,17 @@ def warn_slow_cpu_bf16(mixed_precision: str, device: torch.device) -> None:
         )
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
+def make_accelerator(cfg: Any, *, find_unused_parameters: bool | None = None) -> Accelerator:
+    """The run's Accelerator from ``cfg.train`` (device, precision). find_unused_parameters:
+    DDP's setting; None = distillation's rule (True for unmasked runs)."""
     cpu = cfg.train.device == "cpu" or (
         cfg.train.device == "auto" and not torch.cuda.is_available()
     )
     probe = torch.device("cpu" if cpu else "cuda")
-    # Unmasked runs leave the mask embedding unused: DDP must be told to tolerate that.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.objective.mask)
+    if find_unused_parameters is None:
+        # Unmasked runs leave the mask embedding unused: DDP must be told to tolerate that.
+        find_unused_parameters = not cfg.objective.mask
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     mixed_precision = resolve_precision(cfg.train.precision, probe)
     warn_slow_cpu_bf16(mixed_precision, probe)
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate launch
@@ -185,7 +235,7 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     set_deterministic(cfg.train.deterministic)
     accelerator = make_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
-    checkpoint = _find_resume_point(run_dir, cfg, resume)
+    checkpoint = find_resume_point(run_dir, cfg, resume)
     teacher = load_teacher(
         cfg.teacher.spec,
         trust_remote_code=cfg.teacher.trust_remote_code,
@@ -209,8 +259,53 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         sources=sources,
         target_cache=target_cache,
     )
-    distiller = Distiller(student, objective)
-    optimizer = torch.optim.AdamW(param_groups(distiller, cfg.train.weight_decay), lr=cfg.train.lr)
+    teacher.encoder.to(accelerator.device)
+    started = start_training(cfg, accelerator, Distiller(student, objective), train, checkpoint)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        module=started.module,
+        loss_fn=distill_loss_fn(teacher.encoder, objective),
+        optimizer=started.optimizer,
+        scheduler=started.scheduler,
+        train=train,
+        dev=dev,
+        state=started.state,
+        run_dir=run_dir,
+        logger=started.logger,
+        teacher=teacher,
+        student=student,
+        objective=objective,
+    )
+
+
+@dataclass
+class Started:
+    """What ``start_training`` returns: the prepared module and optimizer, the scheduler, the
+    (resumed) state and the logger."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainState
+    logger: RunLogger
+
+
+def start_training(
+    cfg: Any,
+    accelerator: Accelerator,
+    module: nn.Module,
+    train: BatchStream,
+    checkpoint: Path | None,
+    *,
+    desc: str = "distill",
+) -> Started:
+    """The setup every recipe ends with: AdamW and the LR schedule from ``cfg.train``, the
+    ``checkpoint``'s weights, optimizer, scheduler, RNG and data position (None = step 0), the
+    metrics file trimmed to the resume point, the disk checked, Accelerate's ``prepare``, the
+    config written to ``train.output_dir`` and the logger (progress bar titled ``desc``)."""
+    run_dir = Path(cfg.train.output_dir)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
         cfg.train.schedule,
         optimizer,
@@ -220,7 +315,7 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     state = TrainState()
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
-        distiller.load_state_dict(ckpt.trainable)
+        module.load_state_dict(ckpt.trainable)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
         state = ckpt.state
@@ -229,9 +324,8 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     if accelerator.is_main_process:  # rows a killed attempt logged past its checkpoint
         _trim_metrics(run_dir / "metrics.jsonl", state.step if checkpoint is not None else -1)
     # Every process checks (the same disk, the same answer), so none waits for a failed one.
-    check_disk_space(run_dir, estimate_checkpoint_bytes(distiller, optimizer))
-    teacher.encoder.to(accelerator.device)
-    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    check_disk_space(run_dir, estimate_checkpoint_bytes(module, optimizer))
+    module, optimizer = accelerator.prepare(module, optimizer)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -240,25 +334,12 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         enabled=accelerator.is_main_process,
         total_steps=cfg.train.max_steps,
         start_step=state.step,
+        desc=desc,
     )
-    return Run(
-        cfg,
-        accelerator,
-        teacher,
-        student,
-        objective,
-        distiller,
-        optimizer,
-        scheduler,
-        train,
-        dev,
-        state,
-        run_dir,
-        logger,
-    )
+    return Started(module, optimizer, scheduler, state, logger)
 
 
-def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | None:
+def find_resume_point(run_dir: Path, cfg: Any, resume: bool) -> Path | None:
     """The checkpoint to continue from. A run directory that holds checkpoints is always
     continued (so rerunning a command is idempotent and a killed run picks up where it
     stopped), provided the config matches; ``resume`` only makes a missing one worth a warning."""
@@ -275,7 +356,8 @@ def _find_resume_point(run_dir: Path, cfg: RunConfig, resume: bool) -> Path | No
         )
     saved = yaml.safe_load((latest / "config.yaml").read_text(encoding="utf-8"))
     try:  # keys added to colld since the run was written take their defaults, as they ran
-        saved = to_dict(resolve(from_dict(RunConfig, saved)))
+        loaded = from_dict(type(cfg), saved)
+        saved = to_dict(resolve(loaded) if isinstance(loaded, RunConfig) else loaded)
     except ConfigError:
         pass  # a key since removed or retyped: compare as written, it will be named
     changed = _config_differences(saved, to_dict(cfg)) - RESUMABLE_CHANGES
@@ -339,11 +421,11 @@ def _log_sizes(teacher: SpeechEncoder, student: SpeechEncoder, objective: Distil
     )
 
 
-def train_update(run: Run) -> tuple[LossOutput, float, bool]:
+def train_update(run: TrainRun) -> tuple[LossOutput, float, bool]:
     """One optimizer update over ``grad_accum`` batches. Returns (loss, grad norm, applied);
     the loss is this process' mean over its batches, detached."""
     acc, cfg = run.accelerator, run.cfg.train
-    buffers = _snapshot_buffers(run.distiller)
+    buffers = _snapshot_buffers(run.module)
     outs, ids = [], []
     for micro in range(cfg.grad_accum):
         batch = run.train.next_batch().to(acc.device)
@@ -355,14 +437,14 @@ def train_update(run: Run) -> tuple[LossOutput, float, bool]:
         slot = micro * acc.num_processes + acc.process_index
         generator = step_generator(cfg.seed, run.state.step, slot, acc.device)
         torch.manual_seed(dropout_seed(cfg.seed, run.state.step, slot))
-        sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.distiller)
+        sync = nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(run.module)
         with sync, acc.autocast():
-            out = distill_loss(run.distiller, run.teacher.encoder, run.objective, batch, generator)
+            out = run.loss_fn(run.module, batch, generator)
             acc.backward(out.total / cfg.grad_accum)
         outs.append(out)
         seconds = acc.reduce(batch.durations.sum().to(acc.device).float(), reduction="sum")
         run.state.audio_seconds += float(seconds)
-    params = [p for p in run.distiller.parameters() if p.requires_grad]
+    params = [p for p in run.module.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = float(acc.clip_grad_norm_(params, max_norm))
     out = mean_losses(outs)
@@ -382,7 +464,7 @@ def train_update(run: Run) -> tuple[LossOutput, float, bool]:
             ", ".join(ids),
         )
         run.bad_batch_ids = ids
-        _restore_buffers(run.distiller, buffers)  # e.g. running target statistics
+        _restore_buffers(run.module, buffers)  # e.g. running target statistics
     run.optimizer.zero_grad(set_to_none=True)
     return out, grad_norm, applied
 
@@ -399,7 +481,7 @@ def _restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) ->
         buffer.copy_(saved[name])
 
 
-def train_loop(run: Run) -> None:
+def train_loop(run: TrainRun) -> None:
     cfg = run.cfg.train
     run.logger.start_window(run.state.audio_seconds)
     while run.state.step < cfg.max_steps:
@@ -424,7 +506,7 @@ def train_loop(run: Run) -> None:
     _save(run)
 
 
-def _log_batch_ids(run: Run, micro: int, batch: Batch) -> None:
+def _log_batch_ids(run: TrainRun, micro: int, batch: Batch) -> None:
     """At debug level (``colld -v``): the utterances each process trains on, per update."""
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
@@ -438,11 +520,11 @@ def _log_batch_ids(run: Run, micro: int, batch: Batch) -> None:
         )
 
 
-def check_replicas(run: Run) -> bool:
+def check_replicas(run: TrainRun) -> bool:
     """Whether every process holds bit-identical weights, as data parallelism must keep
     them. Logs each process' fingerprint at debug level, and a warning when they differ."""
     acc = run.accelerator
-    fingerprint = parameter_fingerprint(acc.unwrap_model(run.distiller).named_parameters())
+    fingerprint = parameter_fingerprint(acc.unwrap_model(run.module).named_parameters())
     log.debug(
         "parameter fingerprint: step=%d rank=%d: %s", run.state.step, acc.process_index, fingerprint
     )
@@ -460,7 +542,7 @@ def check_replicas(run: Run) -> bool:
     return False
 
 
-def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
+def _after_step(run: TrainRun, out: LossOutput, grad_norm: float) -> None:
     cfg, step = run.cfg.train, run.state.step
     if step % cfg.log_every == 0 or step == cfg.max_steps:
         speed = run.logger.throughput(run.state.audio_seconds)
@@ -476,14 +558,11 @@ def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
             }
         )
         run.logger.log(step, scalars)
-        run.logger.progress(
-            step,
-            {
-                "loss": f"{scalars['train/loss']:.3f}",
-                "acc": f"{scalars.get('train/acc', float('nan')):.2f}",
-                "audio_s/s": f"{speed:.1f}",
-            },
-        )
+        postfix = {"loss": f"{scalars['train/loss']:.3f}"}
+        if "train/acc" in scalars or run.selection_key == "dev/loss":
+            postfix["acc"] = f"{scalars.get('train/acc', float('nan')):.2f}"
+        postfix["audio_s/s"] = f"{speed:.1f}"
+        run.logger.progress(step, postfix)
         run.logger.start_window(run.state.audio_seconds)
     if run.dev is not None and cfg.eval_every and step % cfg.eval_every == 0:
         evaluate_dev(run)
@@ -493,49 +572,57 @@ def _after_step(run: Run, out: LossOutput, grad_norm: float) -> None:
 
 
 @torch.no_grad()
-def evaluate_dev(run: Run) -> dict[str, float]:
-    """Mean dev loss and health signals with fixed masks/distractors (seeded per batch)."""
-    acc = run.accelerator
-    run.distiller.eval()
-    totals: dict[str, float] = {}
-    count = 0
-    for index, batch in enumerate(run.dev.one_pass(run.cfg.train.eval_batches)):
-        generator = step_generator(run.cfg.train.seed + 1, index, acc.process_index, acc.device)
-        with acc.autocast():
-            out = distill_loss(
-                run.distiller, run.teacher.encoder, run.objective, batch.to(acc.device), generator
-            )
-        for key, value in loss_scalars(out, "dev").items():
-            totals[key] = totals.get(key, 0.0) + value
-        count += 1
-    run.distiller.train()
-    if count == 0:
+def evaluate_dev(run: TrainRun) -> dict[str, float]:
+    """Evaluate on dev (``run.dev_metrics``, by default ``mean_dev_loss``), log the scalars and
+    track the best step by ``run.selection_key`` (lower is better)."""
+    run.module.eval()
+    means = (run.dev_metrics or mean_dev_loss)(run)
+    run.module.train()
+    if not means:
         return {}
-    means = {
-        k: float(acc.reduce(torch.tensor(v / count, device=acc.device), "mean"))
-        for k, v in totals.items()
-    }
     run.logger.log(run.state.step, means)
-    loss = means["dev/loss"]
+    value = means[run.selection_key]
     best = run.state.best_dev_loss
-    if run.state.step > 0 and (best is None or loss < best):  # step 0: the untrained student
-        run.state.best_dev_loss, run.state.best_step = loss, run.state.step
+    if run.state.step > 0 and (best is None or value < best):  # step 0: the untrained model
+        run.state.best_dev_loss, run.state.best_step = value, run.state.step
     log.info(
-        "step %d dev loss %.4f%s",
+        "step %d %s %.4f%s",
         run.state.step,
-        loss,
+        run.selection_key.replace("/", " "),
+        value,
         f" acc {means['dev/acc']:.3f}" if "dev/acc" in means else "",
     )
     return means
 
 
-def _save(run: Run) -> Path | None:
+def mean_dev_loss(run: TrainRun) -> dict[str, float]:
+    """Mean dev loss and health signals with fixed masks/distractors (seeded per batch),
+    averaged over processes; {} when dev yields no batch."""
+    acc = run.accelerator
+    totals: dict[str, float] = {}
+    count = 0
+    for index, batch in enumerate(run.dev.one_pass(run.cfg.train.eval_batches)):
+        generator = step_generator(run.cfg.train.seed + 1, index, acc.process_index, acc.device)
+        with acc.autocast():
+            out = run.loss_fn(run.module, batch.to(acc.device), generator)
+        for key, value in loss_scalars(out, "dev").items():
+            totals[key] = totals.get(key, 0.0) + value
+        count += 1
+    if count == 0:
+        return {}
+    return {
+        k: float(acc.reduce(torch.tensor(v / count, device=acc.device), "mean"))
+        for k, v in totals.items()
+    }
+
+
+def _save(run: TrainRun) -> Path | None:
     """Checkpoint the run (main process); returns the directory written (None elsewhere)."""
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return None
     run.state.skipped_files.update(run.train.skipped())
-    trainable = run.accelerator.unwrap_model(run.distiller).state_dict()
+    trainable = run.accelerator.unwrap_model(run.module).state_dict()
     best = run.state.best_step
     return save_checkpoint(
         run.run_dir,
@@ -613,18 +700,24 @@ def data_provenance(run: Run) -> dict[str, Any]:
     return data
 
 
+def run_training(run: TrainRun) -> None:
+    """Evaluate the starting point on dev, train to ``train.max_steps``, evaluate the end
+    (unless the loop just did) and checkpoint again when that made it the best step."""
+    if run.dev is not None and run.state.step == 0:
+        evaluate_dev(run)
+    train_loop(run)
+    every = run.cfg.train.eval_every
+    if run.dev is not None and not (every and run.state.step % every == 0):
+        evaluate_dev(run)  # the loop has not just done it
+        if run.cfg.train.keep_best and run.state.best_step == run.state.step:
+            _save(run)  # the final checkpoint's state now names itself the best
+
+
 def distill(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Run the whole recipe; returns the exported student directory."""
     run = setup(cfg, resume=resume)
     try:
-        if run.dev is not None and run.state.step == 0:
-            evaluate_dev(run)
-        train_loop(run)
-        every = run.cfg.train.eval_every
-        if run.dev is not None and not (every and run.state.step % every == 0):
-            evaluate_dev(run)  # the loop has not just done it
-            if run.cfg.train.keep_best and run.state.best_step == run.state.step:
-                _save(run)  # the final checkpoint's state now names itself the best
+        run_training(run)
         student_dir = export(run)
         skipped = run.train.skipped()
         if skipped:
