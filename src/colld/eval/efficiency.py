@@ -1,7 +1,8 @@
 """Cost of a model at inference: parameters, FLOPs, real-time factor and peak memory (CPU).
 
-One definition for every model ``colld evaluate`` accepts (``load_model_spec``: "fbank", a
-teacher spec, an exported student directory), so teacher and student numbers compare:
+One definition for every model ``colld evaluate`` accepts (``load_eval_model``: "fbank", a
+teacher spec, an exported student directory, an ONNX export), so teacher and student numbers
+compare:
 
     parameters               ``count_encoder_parameters`` (0 for fbank).
     flops_per_audio_second   ``torch.utils.flop_counter.FlopCounterMode`` over the encoder
@@ -26,6 +27,13 @@ teacher spec, an exported student directory), so teacher and student numbers com
                              /proc/self/clear_refs before the runs), exact; where that is not
                              available, RSS sampled every millisecond (``memory_method``).
 
+ONNX exports (``colld export --onnx``, fp32 or int8) run through onnxruntime (CPU provider, as
+many intra-op threads as torch uses): latency, real-time factors and memory are measured alike.
+``parameters`` is the count recorded at export (``count_encoder_parameters`` of the exported
+encoder: the same definition; int8 stores the same weights in one byte each, ``model_file_mb``
+shows that); FLOPs are not counted (None, reason in ``skipped``): ``FlopCounterMode`` sees torch
+ops only, and int8's integer products are no float FLOPs.
+
 With ``isolated`` (the default) all of it runs in a fresh Python process (``python -c``) that loads only
 this model, so the RSS figures are the model's own and not the caller's; timings are taken in
 that same process. The clips are synthetic (noise plus tones): an encoder's cost does not depend
@@ -45,10 +53,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -59,8 +67,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from colld.audio import SAMPLE_RATE, FrontEnd
 from colld.data.batch import pad_features
 from colld.encoders.base import SpeechEncoder
-from colld.eval.models import load_model_spec
+from colld.eval.models import load_eval_model
 from colld.students.build import count_encoder_parameters
+
+if TYPE_CHECKING:
+    from colld.deploy.onnx import OnnxEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +79,14 @@ MIB = 1 << 20
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 _SAMPLE_INTERVAL_S = 0.001
+ONNX_FLOPS_SKIPPED = (
+    "not counted for ONNX exports: torch's FlopCounterMode sees torch ops only, and onnxruntime "
+    "runs the graph (int8: integer matrix products, no float FLOPs)"
+)
+ONNX_PARAMETERS_SKIPPED = (
+    "the export records no parameter count (colld.parameters: exported before colld "
+    "recorded it); re-export it"
+)
 
 
 @dataclass(kw_only=True)
@@ -75,8 +94,10 @@ class Efficiency:
     """Inference cost of one model (definitions in the module docstring)."""
 
     model: str
-    parameters: int
-    flops_per_audio_second: float
+    parameters: int | None
+    """None where unknown (an ONNX export without the count: see ``skipped``)."""
+    flops_per_audio_second: float | None
+    """None where not counted (ONNX exports: see ``skipped``)."""
     latency_batch1_s: float
     rtf_batch1: float
     rtf_batched: float
@@ -86,7 +107,7 @@ class Efficiency:
     memory_method: str
     """"vmhwm" (kernel high-water mark) or "sampled" (RSS polled every millisecond)."""
     threads: int
-    """torch intra-op threads used."""
+    """torch intra-op threads used (onnxruntime's, for ONNX exports: the same number)."""
     device: str
     """"cpu (<processor name>)"."""
     clip_seconds: float
@@ -98,6 +119,12 @@ class Efficiency:
     torch_version: str
     measurement_s: float
     """Wall time of the whole measurement (process start and model loading included)."""
+    runtime: str = "torch"
+    """What ran the encoder: "torch", or "onnxruntime <version> (<precision>)"."""
+    model_file_mb: float | None = None
+    """ONNX exports: size of the model's files on disk, MiB (None for torch models)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Field -> why it is None (ONNX exports: FLOPs, sometimes parameters)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +146,7 @@ def measure_efficiency(
     threads: int | None = None,
     isolated: bool = True,
 ) -> Efficiency:
-    """Measure the inference cost of ``spec`` (anything ``load_model_spec`` accepts) on CPU.
+    """Measure the inference cost of ``spec`` (anything ``load_eval_model`` accepts) on CPU.
 
     threads: torch intra-op threads (None = torch's default in the measuring process).
     isolated: run in a fresh Python process (honest memory figures); False measures in this
@@ -188,8 +215,10 @@ def _measure(spec: str, settings: _Settings, isolated: bool) -> Efficiency:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        loaded = load_model_spec(spec)
-        encoder = None if loaded is None else loaded.encoder.eval()
+        loaded = load_eval_model(spec)
+        encoder = None if loaded is None else loaded.encoder
+        if isinstance(encoder, SpeechEncoder):
+            encoder.eval()
         front_end = (
             FrontEnd.for_family("whisper") if loaded is None else FrontEnd(loaded.feature_extractor)
         )
@@ -202,11 +231,12 @@ def _measure(spec: str, settings: _Settings, isolated: bool) -> Efficiency:
         latency_s = _median_seconds(
             lambda: run_model(encoder, front_end, clips[:1]), settings.repeats, settings.warmup
         )
-        flops = 0 if encoder is None else count_flops(encoder, front_end, clips[0])
+        static = _static_cost(encoder, front_end, clips[0])
+        flops = static.flops
         return Efficiency(
             model=spec,
-            parameters=0 if encoder is None else count_encoder_parameters(encoder),
-            flops_per_audio_second=flops / settings.clip_seconds,
+            parameters=static.parameters,
+            flops_per_audio_second=None if flops is None else flops / settings.clip_seconds,
             latency_batch1_s=latency_s,
             rtf_batch1=latency_s / settings.clip_seconds,
             rtf_batched=batched_s / (settings.clip_seconds * settings.batch_size),
@@ -223,9 +253,52 @@ def _measure(spec: str, settings: _Settings, isolated: bool) -> Efficiency:
             isolated=isolated,
             torch_version=torch.__version__,
             measurement_s=0.0,  # set by the caller, which sees the process start too
+            runtime=static.runtime,
+            model_file_mb=None if static.file_bytes is None else static.file_bytes / MIB,
+            skipped=static.skipped,
         )
     finally:
         torch.set_num_threads(previous_threads)
+
+
+@dataclass(kw_only=True)
+class _StaticCost:
+    """What an encoder costs regardless of timing: parameters, FLOPs of one clip, runtime,
+    file size; ``skipped``: field -> why it is None."""
+
+    parameters: int | None
+    flops: int | None
+    runtime: str = "torch"
+    file_bytes: int | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _static_cost(
+    encoder: SpeechEncoder | OnnxEncoder | None, front_end: FrontEnd, clip: np.ndarray
+) -> _StaticCost:
+    """Parameters and FLOPs of a torch encoder (0 for fbank), or what an ONNX export records
+    (see the module docstring). Shape: clip (S,)."""
+    if encoder is None:
+        return _StaticCost(parameters=0, flops=0)
+    if isinstance(encoder, SpeechEncoder):
+        return _StaticCost(
+            parameters=count_encoder_parameters(encoder),
+            flops=count_flops(encoder, front_end, clip),
+        )
+    import onnxruntime
+
+    skipped = {"flops_per_audio_second": ONNX_FLOPS_SKIPPED}
+    if encoder.parameters is None:
+        skipped["parameters"] = ONNX_PARAMETERS_SKIPPED
+    for field_name, reason in skipped.items():
+        logger.info("efficiency of %s: %s %s", encoder.path, field_name, reason)
+    return _StaticCost(
+        parameters=encoder.parameters,
+        flops=None,
+        runtime=f"onnxruntime {onnxruntime.__version__} ({encoder.precision})",
+        file_bytes=encoder.file_bytes,
+        skipped=skipped,
+    )
 
 
 def synthetic_clip(seconds: float, *, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -244,9 +317,10 @@ def synthetic_clip(seconds: float, *, seed: int = 0, sample_rate: int = SAMPLE_R
 
 
 def run_model(
-    encoder: SpeechEncoder | None, front_end: FrontEnd, clips: Sequence[np.ndarray]
+    encoder: SpeechEncoder | OnnxEncoder | None, front_end: FrontEnd, clips: Sequence[np.ndarray]
 ) -> Tensor:
-    """Front end on each clip, zero-padding, then every layer of ``encoder`` (None = fbank).
+    """Front end on each clip, zero-padding, then every layer of ``encoder`` (None = fbank; an
+    ONNX export runs through onnxruntime).
 
     Shape: B x (S,) -> the last hidden state (B, T, D), or the padded features for fbank.
     """

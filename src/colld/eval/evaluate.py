@@ -1,14 +1,21 @@
 """``colld evaluate``: probes, mimicry and efficiency of one model, written as one JSON file.
 
 A result file (schema ``colld-eval/2``) holds:
-    model, label, kind ("teacher" | "student" | "fbank"), fingerprint,
+    model, label, kind ("teacher" | "student" | "fbank" | "onnx"), fingerprint,
     corpus: {dir, fingerprint (of the three probe manifests), utterances per split},
     probes: task -> summary over probe seeds (mean, std, per seed, per language, layer weights),
     position_retrieval: per hidden state, how much absolute position dominates (probe-test;
         see ``colld.eval.mimicry.position_retrieval``),
     mimicry: (students) teacher, per-pair cosine, CKA matrix student x teacher layers,
     efficiency: parameters, FLOPs per audio second, latency / real-time factor, peak memory,
+    onnx: (ONNX exports) file, precision, source, runtime, why clips were not batched (None:
+        they were; ``onnx_info``),
     settings (tasks, seeds, probe config), machine, created, seconds.
+An ONNX export (``colld export --onnx``, fp32 or int8) is evaluated like any model, its
+features computed by onnxruntime. What needs the torch module is measured another way or left
+out with the reason recorded: FLOPs (``efficiency.skipped``), and mimicry, which is measured
+through the export's source student directory when that still holds the exported weights
+(``mimicry.skipped`` otherwise).
 ``colld compare`` reads these files; the same model evaluated with the same settings on the same
 corpus is not evaluated again (the file is reused), so an interrupted demo resumes.
 """
@@ -24,18 +31,31 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from colld import __version__
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.synth import PROBE_SPLITS, manifest_path
-from colld.eval.models import FBANK, describe, file_slug, is_student_dir, load_model_spec
+from colld.eval.models import (
+    FBANK,
+    describe,
+    file_slug,
+    is_student_dir,
+    load_eval_model,
+    load_model_spec,
+    onnx_file,
+)
 from colld.eval.score import aggregate_score, task_values
 from colld.fsutil import write_json_atomic
 from colld.students.card import CardScore, update_card
 from colld.students.export import read_provenance
+from colld.teachers.hf import weight_files_fingerprint
+
+if TYPE_CHECKING:
+    from colld.deploy.onnx import LoadedOnnx
+    from colld.eval.features import FeatureSet
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +146,12 @@ def result_path(out_dir: str | Path, spec: str) -> Path:
 
 
 def model_kind(spec: str) -> str:
+    """ "fbank", "student", "onnx" (an ONNX export) or "teacher"."""
     if spec == FBANK:
         return "fbank"
-    return "student" if is_student_dir(spec) else "teacher"
+    if is_student_dir(spec):
+        return "student"
+    return "onnx" if onnx_file(spec) is not None else "teacher"
 
 
 def evaluate_model(
@@ -151,7 +174,7 @@ def evaluate_model(
     start = time.perf_counter()
     torch.manual_seed(0)
     data = load_probe_data(settings.corpus_dir)
-    loaded = load_model_spec(spec)
+    loaded = load_eval_model(spec)
     fingerprint = loaded.fingerprint if loaded is not None else "fbank:whisper-log-mel-80"
     out_file = result_path(out_dir, spec)
     if reuse and out_file.is_file():
@@ -207,9 +230,14 @@ def evaluate_model(
         "settings": settings.key(),
         "mimicry": None,
         "efficiency": None,
+        "onnx": None,
     }
     if settings.mimicry and result["kind"] == "student":
         result["mimicry"] = _mimicry(spec, features["probe-test"], data, cache, settings)
+    if result["kind"] == "onnx":
+        result["onnx"] = onnx_info(loaded)
+        if settings.mimicry:
+            result["mimicry"] = _onnx_mimicry(loaded, features["probe-test"], data, cache, settings)
     if settings.efficiency:
         from colld.eval.efficiency import measure_efficiency
 
@@ -276,10 +304,70 @@ def _card_score(student: dict[str, Any], folder: list[dict[str, Any]]) -> CardSc
     )
 
 
-def _mimicry(
-    spec: str, student_test: Any, data: ProbeData, cache: Path, settings: EvalSettings
+def onnx_info(loaded: LoadedOnnx) -> dict[str, Any]:
+    """What the result records of an ONNX export: file, precision, source, runtime, batching."""
+    import onnxruntime
+
+    from colld.eval.features import unbatched_reason
+
+    encoder = loaded.encoder
+    return {
+        "file": str(encoder.path),
+        "precision": encoder.precision,
+        "source": encoder.source,
+        "runtime": f"onnxruntime {onnxruntime.__version__} (CPU)",
+        "unbatched_reason": unbatched_reason(encoder),
+    }
+
+
+def _onnx_mimicry(
+    loaded: LoadedOnnx,
+    student_test: FeatureSet,
+    data: ProbeData,
+    cache: Path,
+    settings: EvalSettings,
 ) -> dict[str, Any]:
-    """Cosine of each mapped pair and CKA of every student x teacher layer, on probe-test."""
+    """``_mimicry`` of an ONNX export's features, with the teacher and heads of the student
+    directory it was exported from; else the reason it is skipped (logged)."""
+    source = loaded.encoder.source
+    reason = onnx_mimicry_skip_reason(source, loaded.encoder.source_fingerprint)
+    if reason is not None:
+        log.info("mimicry of %s skipped: %s", loaded.source, reason)
+        return {"skipped": reason}
+    return {**_mimicry(source, student_test, data, cache, settings), "student_dir": source}
+
+
+def onnx_mimicry_skip_reason(source: str, source_fingerprint: str) -> str | None:
+    """Why an ONNX export's mimicry cannot be measured through ``source`` (the spec it was
+    exported from), or None when ``source`` is a student directory that still holds the
+    exported weights (``source_fingerprint``, recorded at export)."""
+    if not source or not is_student_dir(source):
+        return (
+            f"the export's source '{source}' is not an exported student directory here (a "
+            "teacher, or moved): its teacher and distillation heads are unknown"
+        )
+    if not source_fingerprint:
+        return (
+            "the export records no fingerprint of its source (colld.fingerprint: exported "
+            f"before colld recorded it), so the heads in {source} may not belong to it; "
+            "re-export it"
+        )
+    current = weight_files_fingerprint(Path(source))
+    if current != source_fingerprint:
+        return (
+            f"{source} now holds other weights (fingerprint {current[:12]}) than the export "
+            f"was made from ({source_fingerprint[:12]}): its heads do not belong to it"
+        )
+    return None
+
+
+def _mimicry(
+    spec: str, student_test: FeatureSet, data: ProbeData, cache: Path, settings: EvalSettings
+) -> dict[str, Any]:
+    """Cosine of each mapped pair and CKA of every student x teacher layer, on probe-test.
+
+    spec: the student directory (its colld.json names the teacher; its heads give the pairs).
+    """
     from colld.eval.features import extract_features
     from colld.eval.mimicry import (
         cka_matrix,
@@ -291,6 +379,8 @@ def _mimicry(
     info = read_provenance(spec)
     if info is None:
         return {"skipped": f"{spec} has no colld.json: its teacher is unknown"}
+    if not isinstance(info.get("teacher"), dict) or "spec" not in info["teacher"]:
+        return {"skipped": f"{spec}/colld.json names no teacher (teacher.spec)"}
     teacher_spec = info["teacher"]["spec"]
     teacher = load_model_spec(teacher_spec)
     teacher_test = extract_features(

@@ -7,9 +7,12 @@ on the CPU. Probes (``colld.eval.probes``) then train on these without touching 
 Batching: utterances are sorted by duration and grouped up to ``batch_seconds`` of audio, padded
 with ``pad_features``; the encoders' key-padding masks make a padded clip's valid frames equal
 to the clip run alone (tests/eval/test_features.py; for data2vec-audio through the adapter's
-own fix, ``colld.encoders.hf``). One exception is run one clip at a time (``batch_invariant``):
+own fix, ``colld.encoders.hf``). Exceptions are run one clip at a time (``unbatched_reason``):
 wav2vec 2.0-family models whose first conv has group norm (``feat_extract_norm="group"``, e.g.
-wav2vec2-base) normalise over the padded length too.
+wav2vec2-base) normalise over the padded length too; and of ONNX exports (``colld.deploy.onnx``,
+run by onnxruntime on the CPU) the int8 ones, whose activations are quantised per tensor over
+the whole padded batch (a clip's states then depend on the clips beside it: up to 2e-3 on a
+tiny Whisper), and those that do not record whether padding changes their states.
 
 Cache: with ``cache_dir``, one safetensors file per (model fingerprint, front end, utterance
 list). Its key hashes the fingerprint, the front end's settings and the (id, path, duration) of
@@ -29,7 +32,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +47,9 @@ from colld.data.utterance_audio import load_utterance
 from colld.encoders.base import SpeechEncoder
 from colld.eval.models import file_slug
 from colld.teachers.base import LoadedModel
+
+if TYPE_CHECKING:
+    from colld.deploy.onnx import LoadedOnnx, OnnxEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +97,7 @@ class FeatureSet:
 
 
 def extract_features(
-    model: LoadedModel | None,
+    model: LoadedModel | LoadedOnnx | None,
     utterances: Sequence[Utterance],
     root: Path,
     *,
@@ -109,7 +115,8 @@ def extract_features(
     model_name: label stored in the FeatureSet (default: the model's source, or "fbank").
     Utterances that cannot be used (unreadable, too short, longer than the encoder accepts)
     are skipped with one warning each and listed in ``FeatureSet.skipped``; ValueError when
-    none is left. The encoder is moved to ``device`` and put in eval mode.
+    none is left. A torch encoder is moved to ``device`` and put in eval mode; an ONNX
+    export runs on onnxruntime's CPU provider whatever ``device`` says.
     """
     if not utterances:
         raise ValueError("extract_features got no utterances")
@@ -181,7 +188,7 @@ def _fbank_states(
 
 
 def _encoder_states(
-    encoder: SpeechEncoder,
+    encoder: SpeechEncoder | OnnxEncoder,
     utterances: Sequence[Utterance],
     root: Path,
     front_end: FrontEnd,
@@ -191,8 +198,15 @@ def _encoder_states(
     label: str,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All hidden states of every usable clip. Shape per utterance: (L + 1, T_n, D) float16."""
-    encoder.to(device).eval()
-    max_seconds = 0.0 if not batch_invariant(encoder) else batch_seconds
+    if isinstance(encoder, SpeechEncoder):
+        encoder.to(device).eval()
+    elif device != "cpu":
+        logger.warning("%s runs on onnxruntime's CPU provider, not on %s", label, device)
+        device = "cpu"
+    unbatched = unbatched_reason(encoder)
+    if unbatched is not None:
+        logger.info("%s: one clip at a time (%s)", label, unbatched)
+    max_seconds = 0.0 if unbatched is not None else batch_seconds
     states: dict[str, Tensor] = {}
     skipped: dict[str, str] = {}
     bar = tqdm(
@@ -224,7 +238,7 @@ def _encoder_states(
 
 
 def encode_clips(
-    encoder: SpeechEncoder, features: Sequence[Tensor], device: str = "cpu"
+    encoder: SpeechEncoder | OnnxEncoder, features: Sequence[Tensor], device: str = "cpu"
 ) -> list[Tensor]:
     """Run ``encoder`` on a padded batch of clips and cut each to its valid frames.
 
@@ -272,9 +286,12 @@ def _clip_features(utt: Utterance, root: Path, front_end: FrontEnd) -> Tensor:
         raise
 
 
-def _too_long(encoder: SpeechEncoder, front_end: FrontEnd, num_inputs: int) -> str | None:
+def _too_long(
+    encoder: SpeechEncoder | OnnxEncoder, front_end: FrontEnd, num_inputs: int
+) -> str | None:
     """Why a clip of ``num_inputs`` front-end frames (samples) is longer than the encoder
-    accepts (Whisper: 30 s, the front end's ``max_samples`` and the position table), or None."""
+    accepts (Whisper: 30 s, the front end's ``max_samples`` and the position table; an ONNX
+    export: its recorded ``max_input_frames``), or None."""
     seconds = num_inputs / front_end.frames_per_second
     if (
         front_end.max_samples is not None
@@ -282,6 +299,11 @@ def _too_long(encoder: SpeechEncoder, front_end: FrontEnd, num_inputs: int) -> s
     ):
         limit = front_end.max_samples / front_end.sample_rate
         return f"too_long: {seconds:.2f} s > the {limit:g} s the front end accepts"
+    if not isinstance(encoder, SpeechEncoder):
+        most = encoder.max_input_frames
+        if most and num_inputs > most:
+            return f"too_long: {num_inputs} front-end frames, the ONNX model takes at most {most}"
+        return None
     max_positions = getattr(encoder, "max_positions", None)
     if max_positions is not None:
         num_frames = int(encoder.output_lengths(torch.tensor([num_inputs]))[0])
@@ -293,10 +315,32 @@ def _too_long(encoder: SpeechEncoder, front_end: FrontEnd, num_inputs: int) -> s
     return None
 
 
-def batch_invariant(encoder: SpeechEncoder) -> bool:
-    """False where padding changes valid frames: a group-normed first conv (wav2vec2-base)."""
-    config = getattr(getattr(encoder, "model", None), "config", None)
-    return getattr(config, "feat_extract_norm", None) != "group"
+def batch_invariant(encoder: SpeechEncoder | OnnxEncoder) -> bool:
+    """False where padding or batching changes valid frames (``unbatched_reason``)."""
+    return unbatched_reason(encoder) is None
+
+
+def unbatched_reason(encoder: SpeechEncoder | OnnxEncoder) -> str | None:
+    """Why a clip's states depend on the batch it runs in (None: they do not), for torch
+    encoders and ONNX exports alike (see the module docstring)."""
+    group_norm = (
+        "its first conv has group norm (feat_extract_norm='group'), which normalises over the "
+        "padded length"
+    )
+    if isinstance(encoder, SpeechEncoder):
+        config = getattr(getattr(encoder, "model", None), "config", None)
+        return group_norm if getattr(config, "feat_extract_norm", None) == "group" else None
+    if encoder.precision == "int8":
+        return (
+            "int8: activations are quantised per tensor over the whole padded batch, so a "
+            "clip's states depend on the clips beside it"
+        )
+    if encoder.batch_invariant is None:
+        return (
+            "the export does not record whether padding changes its states "
+            "(colld.batch_invariant: exported before colld recorded it)"
+        )
+    return None if encoder.batch_invariant else group_norm
 
 
 def _skip(skipped: dict[str, str], utt: Utterance, reason: str) -> None:

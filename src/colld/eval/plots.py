@@ -15,7 +15,7 @@ from colld.eval.models import file_slug  # noqa: E402
 if TYPE_CHECKING:
     from colld.eval.report import Comparison
 
-_KIND_MARKERS = {"teacher": "s", "student": "o", "fbank": "x"}
+_KIND_MARKERS = {"teacher": "s", "student": "o", "fbank": "x", "onnx": "D"}
 
 
 def write_all(cmp: Comparison, out_dir: Path) -> list[str]:

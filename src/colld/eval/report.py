@@ -92,7 +92,7 @@ def _check_comparable(results: list[dict[str, Any]], files: list[Path]) -> None:
 
 def _find_teacher(results: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
     """The reference teacher: ``name`` (an error when absent), else the teacher the students
-    were distilled from, else the only teacher result; None (no score) when the files hold no
+    (or the ONNX exports of students) were distilled from, else the only teacher result; None (no score) when the files hold no
     such result, e.g. ``colld evaluate STUDENT`` alone."""
     by_model = {r["model"]: r for r in results}
     if name is not None:
@@ -102,7 +102,7 @@ def _find_teacher(results: list[dict[str, Any]], name: str | None) -> dict[str, 
     named = {
         (r.get("mimicry") or {}).get("teacher")
         for r in results
-        if r["kind"] == "student" and (r.get("mimicry") or {}).get("teacher")
+        if r["kind"] in ("student", "onnx") and (r.get("mimicry") or {}).get("teacher")
     }
     if len(named) > 1:
         raise CompareError(f"students were distilled from different teachers {sorted(named)}")

@@ -1,4 +1,4 @@
-"""Configuration of ``colld finetune --task ctc``: typed kw-only dataclasses, built like the
+"""Configuration of ``colld finetune --task ctc|s2t``: typed kw-only dataclasses, built like the
 distillation config (YAML overrides, then ``a.b=c``; ``colld.config``) and validated once.
 
 The ``train`` section is distillation's ``TrainConfig`` (the same trainer runs both) with the
@@ -21,6 +21,8 @@ from colld.config import (
 )
 
 Units = Literal["chars", "phonemes"]
+FinetuneTask = Literal["ctc", "s2t"]
+AdapterInit = Literal["lstsq", "identity", "random"]
 
 # Where fine-tuning's defaults differ from distillation's (a whole encoder is trained, so a
 # smaller peak LR; the dev error rate selects the exported step, so evaluate more often).
@@ -32,6 +34,19 @@ FINETUNE_TRAIN_DEFAULTS: dict[str, object] = {
     "eval_batches": 0,
     "ckpt_every": 50,
     "output_dir": "runs/finetune",
+}
+# Speech-to-text trains a linear adapter under a frozen decoder by default: a larger LR, and
+# the dev loss (teacher-forced, cheap) selects the step.
+S2T_TRAIN_DEFAULTS: dict[str, object] = {
+    **FINETUNE_TRAIN_DEFAULTS,
+    "max_steps": 300,
+    "lr": 1e-3,
+    "warmup_steps": 30,
+    "output_dir": "runs/finetune-s2t",
+}
+TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
+    "ctc": FINETUNE_TRAIN_DEFAULTS,
+    "s2t": S2T_TRAIN_DEFAULTS,
 }
 
 
@@ -66,6 +81,42 @@ class CTCConfig:
 
 
 @dataclass(kw_only=True)
+class S2TConfig:
+    decoder: str = "whisper-base"
+    """The Whisper model whose frozen decoder and tokenizer are used: an embedded name
+    (``whisper-base``, ``whisper-tiny.en``), a CTranslate2 directory, or a Hugging Face
+    Whisper directory / hub id with its decoder. Its own encoder sets the frame rate the
+    encoder must have and, with ``adapter_init=lstsq``, the adapter's regression target."""
+    tasks: list[str] = field(default_factory=lambda: ["transcribe", "translate"])
+    """``transcribe`` (the ``text`` in its language) and / or ``translate`` (X->En, rows with
+    a ``text_en`` whose language is not English)."""
+    train_adapter: bool = True
+    """Train the adapter. Off (with ``train_encoder`` off) nothing is trained: the initialised
+    adapter is scored as it is (e.g. Whisper as shipped, or a student with the lstsq map)."""
+    train_encoder: bool = False
+    """Also train the encoder (else only the adapter)."""
+    adapter_init: AdapterInit = "lstsq"
+    """``lstsq``: ridge regression onto the decoder's own encoder's last states over
+    ``lstsq_utterances`` training clips; ``identity`` (equal widths only); ``random``."""
+    lstsq_utterances: int = 200
+    """Training clips the ``lstsq`` init regresses over."""
+    ridge: float = 1e-3
+    """Ridge penalty of the ``lstsq`` init, relative to the mean input variance."""
+    pad_to_window: bool = False
+    """Whisper encoders only: pad each clip to the 30 s window with silence and let the
+    decoder attend to every frame, as Whisper itself runs (10x the encoder cost on 3 s
+    clips). With ``train.max_steps=0`` and the decoder's own encoder this is Whisper as
+    shipped (``adapter_init`` becomes identity)."""
+    max_new_tokens: int = 224
+    """Greedy decoding stops after this many tokens without ``<|endoftext|>`` (Whisper's
+    own limit: half its 448 positions)..."""
+    max_tokens_per_second: float = 50.0
+    """...or after 8 + this many tokens per second of the clip, whichever comes first (the
+    corpus' densest reference, Bengali, has 38 tokens per second): a decoder stuck in a
+    repetition loop stops early instead of running to ``max_new_tokens``."""
+
+
+@dataclass(kw_only=True)
 class FinetuneDataConfig:
     corpus_dir: str = "data/corpus"
     """The embedded corpus: its probe-train / probe-dev / probe-test splits are used when
@@ -90,10 +141,14 @@ class FinetuneDataConfig:
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
+    task: FinetuneTask = "ctc"
+    """``ctc``: encoder + CTC head; ``s2t``: encoder + adapter under a frozen Whisper decoder."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The pretrained encoder."""
     ctc: CTCConfig = field(default_factory=CTCConfig)
-    """Units, vocabulary and head."""
+    """Units, vocabulary and head (``task=ctc``)."""
+    s2t: S2TConfig = field(default_factory=S2TConfig)
+    """Decoder, tasks and adapter (``task=s2t``)."""
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     """Training, dev and test data."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**FINETUNE_TRAIN_DEFAULTS))
@@ -101,10 +156,22 @@ class FinetuneConfig:
 
 
 def load_finetune_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    task: FinetuneTask = "ctc",
 ) -> FinetuneConfig:
-    """Defaults (``FINETUNE_TRAIN_DEFAULTS`` for ``train``), the YAML file, then overrides."""
-    tree = config_tree(path, overrides, base={"train": dict(FINETUNE_TRAIN_DEFAULTS)})
+    """Defaults (``TRAIN_DEFAULTS[task]`` for ``train``), the YAML file, then overrides."""
+    if task not in TRAIN_DEFAULTS:
+        raise ConfigError(
+            f"unknown fine-tuning task {task!r}; expected one of {sorted(TRAIN_DEFAULTS)}"
+        )
+    base = {"task": task, "train": dict(TRAIN_DEFAULTS[task])}
+    tree = config_tree(path, overrides, base=base)
+    if tree.get("task") != task:
+        raise ConfigError(
+            f"the config says task={tree.get('task')!r} but --task is {task!r}; drop one"
+        )
     cfg = from_dict(FinetuneConfig, tree)
     validate_finetune(cfg)
     return cfg
@@ -115,6 +182,8 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     d = cfg.data
     validate_batching(d, "the longest utterance")
     validate_train(cfg.train)
+    if cfg.task == "s2t":
+        validate_s2t(cfg.s2t)
     if not 0.0 <= cfg.ctc.final_dropout < 1.0:
         raise ConfigError(f"ctc.final_dropout must lie in [0, 1), found {cfg.ctc.final_dropout}")
     if cfg.model.spec == "fbank":
@@ -124,3 +193,18 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
             "data.dev / data.test need data.train: with the embedded corpus the probe splits "
             f"are used (found data.dev={d.dev!r}, data.test={d.test!r})"
         )
+
+
+def validate_s2t(cfg: S2TConfig) -> None:
+    if not cfg.tasks or any(t not in ("transcribe", "translate") for t in cfg.tasks):
+        raise ConfigError(f"s2t.tasks must list transcribe and / or translate, found {cfg.tasks}")
+    if cfg.lstsq_utterances < 1:
+        raise ConfigError(f"s2t.lstsq_utterances must be >= 1, found {cfg.lstsq_utterances}")
+    if cfg.ridge < 0:
+        raise ConfigError(f"s2t.ridge must be >= 0, found {cfg.ridge}")
+    if cfg.max_tokens_per_second <= 0:
+        raise ConfigError(
+            f"s2t.max_tokens_per_second must be > 0, found {cfg.max_tokens_per_second}"
+        )
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"s2t.max_new_tokens must be >= 1, found {cfg.max_new_tokens}")

@@ -419,9 +419,10 @@ def dev_error_rate(run: FinetuneRun) -> dict[str, float]:
     return {"dev/loss": decoded.loss, f"dev/{run.task.metric}": scored["value"]}
 
 
-def select_weights(run: FinetuneRun) -> int:
-    """Load the best dev step's weights (``train.keep_best`` keeps them) into the model;
-    returns the selected step (the last one when there is no dev data or no best)."""
+def select_weights(run: TrainRun) -> int:
+    """Load the best dev step's weights (``train.keep_best`` keeps them; lowest
+    ``run.selection_key``) into the model; returns the selected step (the last one when
+    there is no dev data or no best). Shared by every fine-tuning task."""
     path = best_checkpoint(run.run_dir) if run.dev is not None else None
     if path is None:
         if run.dev is not None:
@@ -429,7 +430,7 @@ def select_weights(run: FinetuneRun) -> int:
         return run.state.step
     ckpt = load_checkpoint(path, restore_rng=False)
     run.accelerator.unwrap_model(run.module).load_state_dict(ckpt.trainable)
-    log.info("selected step %d (best dev %s)", ckpt.state.step, run.task.metric)
+    log.info("selected step %d (best %s)", ckpt.state.step, run.selection_key)
     return ckpt.state.step
 
 

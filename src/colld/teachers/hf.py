@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,11 @@ def weight_files_fingerprint(directory: Path) -> str:
             f"no weight files ({', '.join(_WEIGHT_GLOBS)}) in {directory}; expected a "
             "transformers checkpoint"
         )
+    return files_fingerprint(files)
+
+
+def files_fingerprint(files: Sequence[Path]) -> str:
+    """sha256 over the names and contents of ``files``, in the order given."""
     digest = hashlib.sha256()
     for file in files:
         with file.open("rb") as handle:
