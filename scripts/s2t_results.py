@@ -36,13 +36,34 @@ class Row:
     overrides: list[str]
 
 
+def student_recipe(spec: str) -> str:
+    """How an exported student was distilled, from its colld.json (empty for other specs)."""
+    path = Path(spec) / "colld.json"
+    if not path.is_file():
+        return ""
+    cfg = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+    objective, train, student = (
+        cfg.get("objective", {}),
+        cfg.get("train", {}),
+        cfg.get("student", {}),
+    )
+    mask = "masked" if objective.get("mask") else "unmasked"
+    heads = objective.get("head_init") or "random"
+    return (
+        f" ({spec}: {mask} {objective.get('loss')}, {train.get('max_steps')} steps, "
+        f"{student.get('init')} init, {heads} heads)"
+    )
+
+
 def rows(colld_student: str, l1cos_student: str) -> list[Row]:
     return [
         Row("base-shipped", "whisper-base as shipped (30 s window, no adapter)", "whisper-base",
             ["s2t.pad_to_window=true", "s2t.train_adapter=false"]),
         Row("base-adapter", "whisper-base + adapter", "whisper-base", []),
-        Row("colld-adapter", "CoLLD student + adapter", colld_student, []),
-        Row("l1cos-adapter", "L1-cosine student + adapter", l1cos_student, []),
+        Row("colld-adapter", "CoLLD student + adapter" + student_recipe(colld_student),
+            colld_student, []),
+        Row("l1cos-adapter", "L1-cosine student + adapter" + student_recipe(l1cos_student),
+            l1cos_student, []),
         Row("tiny-en-adapter", "whisper-tiny.en encoder + adapter", "whisper-tiny.en", []),
     ]  # fmt: skip
 
@@ -146,7 +167,7 @@ def write_page(
     wer = (test["colld-adapter"]["transcribe"]["wer"], test["base-adapter"]["transcribe"]["wer"])
     facts = (
         f"the CoLLD student + adapter scores {colld['bleu']:.1f} BLEU against {reference:.1f} "
-        f"for Whisper base's own encoder under the same adapter budget ({gap:+.1f} BLEU behind; "
+        f"for Whisper base's own encoder under the same adapter budget ({gap:.1f} BLEU behind; "
         f"chrF {colld['chrf']:.1f} vs {base['chrf']:.1f}; pooled WER {fmt(wer[0], '.2f')} vs "
         f"{fmt(wer[1], '.2f')}) and {shipped:.1f} BLEU for Whisper base as shipped."
     )
@@ -168,17 +189,31 @@ def write_page(
     lines += per_language_table(
         "WER per language (CER for zh, ja)", all_rows, test, "transcribe", "wer", ".2f"
     )
-    lines += ["", "## Rows", ""]
+    lines += [
+        "",
+        "## Rows",
+        "",
+        "Each with the budget above (`--steps`, `--batch-seconds`, `--lr`, `--dev-batches` of "
+        "this script); minutes are wall time of the whole row (training, dev, test decoding) "
+        "as this machine ran it, which may have been shared with other jobs.",
+        "",
+    ]
     for row in all_rows:
         minutes = runs / row.name / "minutes.txt"
         took = f", {minutes.read_text().strip()} min" if minutes.is_file() else ""
         fit = reports[row.name]["adapter"]
         r2 = f", lstsq R^2 {fit['r2']:.3f} over {fit['clips']} clips" if "r2" in fit else ""
         lines.append(
-            f"- `{row.name}`: `colld finetune {row.spec} --task s2t {' '.join(row.overrides)}`"
+            f"- `{row.name}`: `{' '.join(['colld finetune', row.spec, '--task s2t', *row.overrides])}`"
             f" (adapter {fit['init']}{r2}{took})"
         )
-    lines += ["", "## One test clip per language (CoLLD student + adapter)", ""]
+    lines += [
+        "",
+        "## One test clip per language (CoLLD student + adapter)",
+        "",
+        "What the decoder makes of the student's states (the first clip of each language):",
+        "",
+    ]
     for task in ("transcribe", "translate"):
         for ex in test["colld-adapter"]["examples"][task][:6]:
             lines.append(f'- {task} {ex["language"]}: "{ex["reference"]}" -> "{ex["hypothesis"]}"')
