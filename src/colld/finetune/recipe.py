@@ -439,24 +439,38 @@ def evaluate_test(run: FinetuneRun) -> dict[str, Any] | None:
     if "test" not in run.splits:
         log.warning("no test data (data.test): no CER / PER is reported")
         return None
-    split, cfg = run.splits["test"], run.cfg
-    acc = run.accelerator
+    split, acc = run.splits["test"], run.accelerator
+    loader = one_pass_loader(
+        run.cfg, acc, split.utterances, run.sources["test"].root, run.loaded.feature_extractor
+    )
+    run.module.eval()
+    decoded = decode_batches(acc, run.module, loader, split.targets)
+    run.module.train()
+    return score_split(run.task, run.vocabulary, split, decoded.hypotheses)
+
+
+def one_pass_loader(
+    cfg: FinetuneConfig,
+    accelerator: Accelerator,
+    utterances: list[Utterance],
+    root: Path,
+    feature_extractor: Any,
+) -> Iterable[Batch]:
+    """This process' share of ``utterances``, once, whole clips, non-empty batches: what every
+    fine-tuning task's test evaluation decodes."""
     loader, _ = make_loader(
-        split.utterances,
-        run.sources["test"].root,
-        _frontend(run.loaded.feature_extractor),
+        utterances,
+        root,
+        _frontend(feature_extractor),
         batch_seconds=cfg.data.batch_seconds,
         max_duration=None,
         num_workers=0,
         seed=cfg.train.seed,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
         num_epochs=1,
     )
-    run.module.eval()
-    decoded = decode_batches(acc, run.module, (b for b in loader if b.ids), split.targets)
-    run.module.train()
-    return score_split(run.task, run.vocabulary, split, decoded.hypotheses)
+    return (batch for batch in loader if batch.ids)
 
 
 def _frontend(feature_extractor: Any) -> Any:

@@ -46,6 +46,7 @@ from colld.finetune.recipe import (
     check_max_duration,
     load_pretrained,
     loader_config,
+    one_pass_loader,
     resolve_finetune_sources,
     select_weights,
 )
@@ -285,20 +286,13 @@ def decode_split(
 ) -> dict[tuple[str, str], str]:
     """(utterance id, task) -> greedy hypothesis text for every sequence of ``split`` (this
     process' share; one process is the supported case for scoring)."""
-    loader, _ = make_loader(
-        split.utterances, root, FrontEnd(feature_extractor),
-        batch_seconds=cfg.data.batch_seconds, max_duration=None, num_workers=0,
-        seed=cfg.train.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_epochs=1,
-    )  # fmt: skip
+    loader = one_pass_loader(cfg, accelerator, split.utterances, root, feature_extractor)
     was_training = module.training
     module.eval()
     hypotheses: dict[tuple[str, str], str] = {}
     progress = tqdm(loader, desc="decode", unit="batch", disable=not accelerator.is_main_process)
     with torch.no_grad():
         for batch in progress:
-            if not batch.ids:
-                continue
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
                 adapted: AdaptedStates = module(batch.features, batch.feature_lengths)
