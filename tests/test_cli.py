@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
-from colld.cli import main
+from colld.cli import main, parse_args
 from colld.data.manifest import read_manifest
 
 
@@ -50,3 +51,20 @@ def test_missing_data_path_names_it(tmp_path: Path, capsys) -> None:
 def test_python_dash_m_colld_help() -> None:
     out = subprocess.run([sys.executable, "-m", "colld", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "distill" in out.stdout
+
+
+def test_overrides_may_follow_the_options() -> None:
+    args = parse_args(["finetune", "m", "a.b=1", "--task", "ctc", "--units", "phonemes", "c.d=2"])
+    assert (args.model, args.task, args.units) == ("m", "ctc", "phonemes")
+    assert args.overrides == ["a.b=1", "c.d=2"]
+    args = parse_args(["distill", "--quick", "train.max_steps=3"])
+    assert args.overrides == ["train.max_steps=3"] and args.quick
+
+
+def test_stray_arguments_are_still_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["finetune", "m", "--task", "ctc", "--bogus", "a.b=1"])
+    assert "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # evaluate takes no overrides
+        parse_args(["evaluate", "fbank", "--out", "x", "a.b=1"])
+    assert "a.b=1" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from colld.experiments.grid import (
     load_grid,
     make_layout,
     plan_units,
+    unit_config,
 )
 from colld.experiments.runner import eval_settings, unit_finished, unit_result_path
 from colld.experiments.summary import (
@@ -102,7 +103,7 @@ def _error(tmp_path: Path, grid: dict[str, Any]) -> str:
 
 def test_the_repos_grids_load() -> None:
     paths = sorted((REPO / GRID_DIR).rglob("*.yaml"))
-    assert [p.stem for p in paths] == ["ablation", "sensitivity", "shape"]
+    assert [p.stem for p in paths] == ["ablation", "sensitivity", "shape", "steps"]
     for path in paths:
         grid = load_grid(path)
         assert grid.teacher == "whisper-base"
@@ -147,6 +148,21 @@ def test_budget_and_runner_keys_have_one_home(tmp_path: Path) -> None:
     assert "the runner sets it" in _error(tmp_path, grid)
     grid["cells"][0]["overrides"] = ["teacher.spec=whisper-tiny.en"]
     assert "keep base's teacher" in _error(tmp_path, grid)
+
+
+def test_a_cell_may_have_its_own_step_budget(tmp_path: Path) -> None:
+    grid = _grid()
+    grid["cells"][1]["max_steps"] = 60
+    loaded = load_grid(_write_grid(tmp_path, grid))
+    layout = make_layout(loaded, quick=False, out=str(tmp_path / "out"), runs=str(tmp_path))
+    steps = {c.name: unit_config(loaded, c, 0, layout, quick=False).train.max_steps
+             for c in loaded.cells if not c.floor}  # fmt: skip
+    assert steps == {"a": 20, "b": 60, "c": 20, "d": 20, "e": 20}
+    grid["cells"][5]["max_steps"] = 60  # the floor cell
+    assert "a floor cell is never trained" in _error(tmp_path, grid)
+    grid["cells"][5].pop("max_steps")
+    grid["cells"][1]["max_steps"] = 0
+    assert "cells[1] (b).max_steps: 0; expected an integer > 0" in _error(tmp_path, grid)
 
 
 def test_references_must_hold_fbank_and_the_teacher(tmp_path: Path) -> None:

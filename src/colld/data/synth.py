@@ -53,7 +53,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import faker
 import numpy as np
 import soundfile as sf
 import soxr
@@ -670,7 +669,7 @@ def synthesize_corpus(cfg: SynthConfig) -> CorpusInfo:
         **cfg.recipe(),
         "recipe_version": RECIPE_VERSION,
         "espeak_ng_version": version,
-        "faker_version": faker.VERSION,
+        "faker_version": _faker_version(),
         "variants": sorted(variants),
     }
     _claim_out_dir(out_dir, recipe)
@@ -701,6 +700,12 @@ def synthesize_corpus(cfg: SynthConfig) -> CorpusInfo:
         info.synthesis["audio_seconds_per_wall_second"],
     )
     return info
+
+
+def _faker_version() -> str:
+    import faker  # here, not at the top: training imports this module but never synthesises
+
+    return faker.VERSION
 
 
 def _check_espeak_languages(binary: str, languages: list[Language]) -> None:
@@ -867,7 +872,7 @@ def _corpus_info(
         failed={r.id: r.error or "" for r in results if r.status == "failed"},
         num_language_switches=sum(r.language_switch for r in results),
         espeak_ng_version=version,
-        faker_version=faker.VERSION,
+        faker_version=_faker_version(),
         recipe=recipe,
         synthesis={
             "made": status["made"],

@@ -28,8 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from faker import Faker
-
 PARALLEL_SENTENCES_FILE = "parallel.json"
 
 _KANA_ONLY = r"[\u3040-\u30ffー]+"
@@ -153,6 +151,8 @@ class SentenceGenerator:
 
     def __init__(self, language: Language, seed: int, exclude: set[str] | None = None) -> None:
         self.language = language
+        from faker import Faker  # here, not at the top: only corpus synthesis needs Faker
+
         self._faker = Faker(language.faker_locale)
         self._faker.seed_instance(stable_seed("faker", language.code, seed))
         lorem = _lorem_provider(self._faker, language)
@@ -188,7 +188,7 @@ def normalize_text(text: str) -> str:
     return unicodedata.normalize("NFC", text).replace("\u02bc", "'").strip()
 
 
-def _lorem_provider(faker: Faker, language: Language) -> Any:
+def _lorem_provider(faker: Any, language: Language) -> Any:
     for provider in faker.get_providers():
         if type(provider).__module__.startswith("faker.providers.lorem"):
             return provider
@@ -201,7 +201,7 @@ def _usable_word(word: str) -> bool:
     )
 
 
-def _word_list(faker: Faker, language: Language) -> list[str]:
+def _word_list(faker: Any, language: Language) -> list[str]:
     """The locale's usable words, filtered by ``language.word_pattern``, in Faker's order."""
     pattern = re.compile(language.word_pattern) if language.word_pattern else None
     words = [

@@ -6,8 +6,9 @@ A grid file (``configs/experiments/NAME.yaml``) holds:
     budget                 corpus hours, steps, batch seconds, distillation and probe seeds, and
                            the expected wall time with evaluation (printed at start)
     base                   ``a.b=c`` config overrides shared by every cell
-    cells                  {name, label, overrides, floor}: one row of the results table each; a
-                           ``floor`` cell is the student as initialised, exported untrained
+    cells                  {name, label, overrides, floor, max_steps}: one row of the results
+                           table each; a ``floor`` cell is the student as initialised, exported
+                           untrained; ``max_steps`` replaces the budget's steps for that cell
     references             models evaluated as they are; fbank and the teacher are required (the
                            score is normalised between them)
     claims                 {claim, better, worse}: score differences the page judges
@@ -100,6 +101,9 @@ class Cell:
     """``a.b=c`` config overrides on top of the grid's ``base``."""
     floor: bool = False
     """Export the student as initialised at each seed, without a training step."""
+    max_steps: int | None = None
+    """This cell's optimizer updates instead of ``budget.max_steps``: for a grid whose question
+    is the training length (e.g. ``steps``); every other grid keeps one step budget."""
 
 
 @dataclass(kw_only=True)
@@ -381,6 +385,18 @@ def _validate_cells(grid: Grid) -> None:
             f"'{labels.get(cell.label)}'; expected unique labels",
         )
         seen[cell.name], labels[cell.label] = i, cell.name
+        if cell.max_steps is not None:
+            _check(
+                not cell.floor,
+                where,
+                f"cells[{i}] ({cell.name}).max_steps: {cell.max_steps}; a floor cell is never "
+                "trained, drop max_steps",
+            )
+            _check(
+                isinstance(cell.max_steps, int) and cell.max_steps > 0,
+                where,
+                f"cells[{i}] ({cell.name}).max_steps: {cell.max_steps!r}; expected an integer > 0",
+            )
         owned = (*BUDGET_KEYS.values(), *RUNNER_KEYS, *SHARED_KEYS)
         for j, text in enumerate(cell.overrides):
             _check_override(text, f"cells[{i}] ({cell.name}).overrides[{j}]", owned, where)
@@ -452,9 +468,13 @@ def uses_target_cache(cell: Cell, cfg: RunConfig) -> bool:
 
 
 def cell_overrides(grid: Grid, cell: Cell, *, quick: bool) -> list[str]:
-    """budget <- base <- cell <- (quick); the runner's own keys come after these."""
+    """budget (with the cell's own ``max_steps``) <- base <- cell <- (quick); the runner's own
+    keys come after these."""
     quick_part = list(QUICK_OVERRIDES) if quick else []
-    return [*grid.budget.overrides(), *grid.base, *cell.overrides, *quick_part]
+    budget = grid.budget.overrides()
+    if cell.max_steps is not None:
+        budget.append(f"{BUDGET_KEYS['max_steps']}={cell.max_steps}")
+    return [*budget, *grid.base, *cell.overrides, *quick_part]
 
 
 def seeds(grid: Grid, *, quick: bool) -> list[int]:

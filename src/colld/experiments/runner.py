@@ -185,9 +185,9 @@ def _size(grid: Grid) -> int:
 def estimate_line(grid: Grid, units: list[Unit], left: list[Unit], *, quick: bool) -> str:
     """The one line printed at start: what runs, and how long the budget says it takes."""
     trained = [u for u in units if not u.cell.floor]
-    steps = trained[0].cfg.train.max_steps if trained else 0
     line = (
-        f"experiment {grid.name}: {len(units)} students ({len(trained)} trained x {steps} steps, "
+        f"experiment {grid.name}: {len(units)} students ({len(trained)} trained x "
+        f"{_steps_text(trained)} steps, "
         f"{len(units) - len(trained)} untrained floor) + {len(grid.references)} references; "
         f"{len(units) - len(left)} students finished already"
     )
@@ -298,10 +298,16 @@ def _run_units(
     return students
 
 
+def _steps_text(units: list[Unit]) -> str:
+    """ "80", or "80-480" where cells have their own step budgets."""
+    steps = sorted({u.cfg.train.max_steps for u in units if not u.cell.floor}) or [0]
+    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+
+
 def _budget_line(grid: Grid, units: list[Unit], settings: EvalSettings, *, quick: bool) -> str:
     cfg = units[0].cfg
     line = (
-        f"corpus {cfg.data.corpus_hours:g} h (`{cfg.data.corpus_dir}`), {cfg.train.max_steps} "
+        f"corpus {cfg.data.corpus_hours:g} h (`{cfg.data.corpus_dir}`), {_steps_text(units)} "
         f"steps of {cfg.data.batch_seconds:g} s batches per trained student, distillation seeds "
         f"{sorted({u.seed for u in units})}, probe seeds {list(settings.seeds)}"
     )
