@@ -103,7 +103,7 @@ def _error(tmp_path: Path, grid: dict[str, Any]) -> str:
 
 def test_the_repos_grids_load() -> None:
     paths = sorted((REPO / GRID_DIR).rglob("*.yaml"))
-    assert [p.stem for p in paths] == ["ablation", "sensitivity", "shape", "steps"]
+    assert [p.stem for p in paths] == ["ablation", "sensitivity", "shape", "steps", "targets"]
     for path in paths:
         grid = load_grid(path)
         assert grid.teacher == "whisper-base"
@@ -352,3 +352,15 @@ def test_quick_ablation_through_the_cli(
     capsys.readouterr()
     assert main(argv) == 0  # a rerun skips both cells
     assert capsys.readouterr().out.count("finished, skipped") == 2
+
+
+@pytest.mark.slow  # one quick cell and three quick reference evaluations per grid
+@pytest.mark.parametrize("name", ["sensitivity", "shape", "steps", "targets"])
+def test_every_grid_runs_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    first = load_grid(REPO / GRID_DIR / f"{name}.yaml").cells[0].name
+    argv = ["experiment", name, "--quick", "--cells", first]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "out" / f"{name}.md").is_file()
+    result = json.loads((tmp_path / "out" / name / f"{first}-seed-0.json").read_text())
+    assert result["schema"] == SCHEMA
