@@ -187,7 +187,10 @@ def test_cli_bad_grid_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def _result(label: str, kind: str, lid: float, sid: float, **extra: Any) -> dict[str, Any]:
-    return fake_result(label, kind, {"lid": lid, "sid": sid}, parameters=6e6, **extra)
+    # probe-dev: a student's LID 0.02 higher than on probe-test (its dev score 25 higher), a
+    # reference's the same
+    dev = {"lid": lid + (0.02 if kind == "student" else 0.0), "sid": sid}
+    return fake_result(label, kind, {"lid": lid, "sid": sid}, parameters=6e6, dev=dev, **extra)
 
 
 def _dump(path: Path, result: dict[str, Any]) -> Path:
@@ -233,6 +236,7 @@ def test_table_and_claims_on_known_numbers(tmp_path: Path) -> None:
     assert a.tasks["lid"].mean == pytest.approx(0.72) and a.tasks["lid"].std == pytest.approx(0.02)
     assert a.score.values == pytest.approx((500, 525, 550))
     assert (a.score.mean, a.score.std) == pytest.approx((525, 25))
+    assert a.dev_score.values == pytest.approx((525, 550, 575))
     assert summary.row("b").score.std == pytest.approx(0)
     assert summary.row("d").score.std is None
     assert summary.row("e") is None
@@ -248,6 +252,8 @@ def test_table_and_claims_on_known_numbers(tmp_path: Path) -> None:
     assert verdicts["a beats c"].verdict == WITHIN  # 25 < 2 x 35.4
     assert verdicts["a beats tiny"].combined_std == pytest.approx(25)  # a reference counts 0
     assert verdicts["a beats tiny"].verdict == FAILS
+    assert verdicts["a beats b"].dev_difference == pytest.approx(275)
+    assert verdicts["a beats tiny"].dev_difference == pytest.approx(-200)
     assert verdicts["tiny beats the teacher"].verdict == NO_SPREAD
     assert verdicts["a beats d"].verdict == NO_SPREAD
     assert verdicts["a beats e"].verdict == NOT_RUN
@@ -264,16 +270,19 @@ def test_table_and_claims_on_known_numbers(tmp_path: Path) -> None:
         budget_line="b",
     )
     page = write_page(summary, info, layout).read_text()
-    assert "| A | `a` | 0,1,2 | 6.00 | 0.720 ± 0.020 | 0.400 ± 0.000 | 525 ± 25 |" in page
-    assert "| whisper-tiny.en | reference | — | 6.00 | 0.800 | 0.500 | 750 |" in page
+    assert (
+        "| A | `a` | 0,1,2 | 6.00 | 0.720 ± 0.020 | 0.400 ± 0.000 | 525 ± 25 | 550 ± 25 |" in page
+    )
+    assert "| whisper-tiny.en | reference | — | 6.00 | 0.800 | 0.500 | 750 | 750 |" in page
     claims = page[page.index(CLAIMS_BEGIN) : page.index(CLAIMS_END)]
-    assert "| a beats b | `a` | `b` | 275 | 25 | holds |" in claims
+    assert "| a beats b | `a` | `b` | 275 | 25 | holds | 275 |" in claims
     assert "Seed spread" in page
     assets = tmp_path / "out" / "grid"
     for name in ("a-seed-2.json", "floor-seed-0.json", "fbank.json", "tasks.png", "summary.json"):
         assert (assets / name).is_file(), name
     saved = json.loads((assets / "summary.json").read_text())
     assert saved["claims"][0]["verdict"] == HOLDS
+    assert saved["rows"][0]["dev_score"]["mean"] == pytest.approx(550)
 
 
 # ---------------------------------------------------------------------------- resuming

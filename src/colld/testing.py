@@ -235,10 +235,12 @@ def fake_result(
     *,
     corpus: str = "abc",
     parameters: float = 1e6,
+    dev: dict[str, float] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """A made-up evaluation result (schema of ``colld.eval.evaluate``) with probe means
-    ``values`` per task, for tests of what reads results (reports, experiment pages)."""
+    ``values`` per task, for tests of what reads results (reports, experiment pages); ``dev``:
+    each task's one probe-dev value (None: no ``dev_values``, as in older result files)."""
     from colld.eval.evaluate import SCHEMA, EvalSettings
 
     return {
@@ -259,6 +261,7 @@ def fake_result(
                 "std": 0.001,
                 "per_language": {"de": value, "en": value / 2},
                 "layer_weights": [0.5, 0.3, 0.2],
+                **({"dev_values": [dev[task]]} if dev is not None else {}),
             }
             for task, value in values.items()
         },

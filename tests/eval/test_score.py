@@ -67,3 +67,15 @@ def test_task_values_reads_probe_summaries() -> None:
         "char": {"metric": "cer", "mean": None, "skipped": "no text"},
     }
     assert task_values(probes) == {"lid": TaskValue("accuracy", 0.8, 0.01)}
+
+
+def test_task_values_dev_split_reads_dev_values() -> None:
+    probes = {
+        "lid": {"metric": "accuracy", "mean": 0.8, "std": 0.01, "dev_values": [0.6, 0.7, 0.8]},
+        "pr": {"metric": "per", "mean": 0.4, "std": 0.02},  # a result without dev values
+    }
+    dev = task_values(probes, split="dev")
+    assert set(dev) == {"lid"}
+    assert (dev["lid"].mean, dev["lid"].std) == pytest.approx((0.7, 0.1))
+    with pytest.raises(ValueError, match="split"):
+        task_values(probes, split="train")

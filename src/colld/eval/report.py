@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Comparison:
     fbank: dict[str, Any] | None
     scores: dict[str, Score]
     margin: float
+    dev_scores: dict[str, Score] = field(default_factory=dict)
+    """The same score on probe-dev (``task_values(split="dev")``): for choosing, not reporting."""
 
 
 def load_comparison(
@@ -56,16 +58,32 @@ def load_comparison(
     _check_comparable(results, files)
     ref_teacher = _find_teacher(results, teacher)
     fbank = next((r for r in results if r["kind"] == "fbank"), None)
-    scores = {}
+    scores, dev_scores = {}, {}
     if ref_teacher is not None and fbank is not None:
-        t_values, f_values = task_values(ref_teacher["probes"]), task_values(fbank["probes"])
-        for r in results:
-            scores[r["label"]] = aggregate_score(
-                task_values(r["probes"]), t_values, f_values, margin=margin
-            )
+        scores = _scores(results, ref_teacher, fbank, margin, split="test")
+        dev_scores = _scores(results, ref_teacher, fbank, margin, split="dev")
     else:
         log.warning("no score: it needs a teacher result and the fbank result among the files")
-    return Comparison(results, files, ref_teacher, fbank, scores, margin)
+    return Comparison(results, files, ref_teacher, fbank, scores, margin, dev_scores)
+
+
+def _scores(
+    results: list[dict[str, Any]],
+    teacher: dict[str, Any],
+    fbank: dict[str, Any],
+    margin: float,
+    *,
+    split: str,
+) -> dict[str, Score]:
+    """Label -> score of every result on ``split`` against the teacher and fbank results."""
+    t_values = task_values(teacher["probes"], split=split)
+    f_values = task_values(fbank["probes"], split=split)
+    return {
+        r["label"]: aggregate_score(
+            task_values(r["probes"], split=split), t_values, f_values, margin=margin
+        )
+        for r in results
+    }
 
 
 def _check_comparable(results: list[dict[str, Any]], files: list[Path]) -> None:

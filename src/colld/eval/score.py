@@ -15,6 +15,7 @@ the teacher gains over the front end, as in SUPERB's "superb score".
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -53,17 +54,28 @@ class Score:
     flagged: dict[str, str] = field(default_factory=dict)
 
 
-def task_values(probes: Mapping[str, Mapping]) -> dict[str, TaskValue]:
-    """Task -> TaskValue from an evaluation's ``probes`` section (skipped tasks left out)."""
+def task_values(probes: Mapping[str, Mapping], *, split: str = "test") -> dict[str, TaskValue]:
+    """Task -> TaskValue from an evaluation's ``probes`` section (skipped tasks left out).
+
+    split "test": probe-test, the reported numbers. "dev": probe-dev at each probe's selected
+    epoch (``dev_values``), what a choice between configurations should be made on; the
+    epoch was picked on it, so it reads a little high for every model alike. A task without
+    dev values (results written before they were recorded) is left out.
+    """
+    if split not in ("test", "dev"):
+        raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
     values = {}
     for task, summary in probes.items():
         if summary.get("skipped") or summary.get("mean") is None:
             continue
-        values[task] = TaskValue(
-            metric=str(summary["metric"]),
-            mean=float(summary["mean"]),
-            std=float(summary.get("std") or 0.0),
-        )
+        if split == "test":
+            mean, std = float(summary["mean"]), float(summary.get("std") or 0.0)
+        else:
+            dev = [float(v) for v in summary.get("dev_values") or []]
+            if not dev:
+                continue
+            mean, std = statistics.fmean(dev), statistics.stdev(dev) if len(dev) > 1 else 0.0
+        values[task] = TaskValue(metric=str(summary["metric"]), mean=mean, std=std)
     return values
 
 

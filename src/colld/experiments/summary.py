@@ -3,7 +3,9 @@
 Numbers: a student's task metric is its result file's ``mean`` (over probe seeds); a cell's row
 shows mean ± std of that over distillation seeds (sample std, n - 1; none with one seed). Each
 seed's score is ``colld.eval.score``'s aggregate against the grid's fbank and teacher
-references; the row shows its mean ± std the same way. References are evaluated once: their
+references, on probe-test, and its dev score the same on probe-dev (``task_values(split=
+"dev")``: the number a choice between cells reads, so that probe-test only reports); the row
+shows each one's mean ± std the same way. References are evaluated once: their
 rows show the mean over probe seeds only, and a claim counts their std as 0 (they have no
 distillation seed).
 
@@ -77,6 +79,8 @@ class Entry:
     path: Path
     result: dict[str, Any]
     score: Score
+    dev_score: Score
+    """The same score on probe-dev (what a choice between cells should read)."""
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Row:
     entries: list[Entry]
     tasks: dict[str, Spread]
     score: Spread
+    dev_score: Spread
 
     @property
     def seeds(self) -> list[int]:
@@ -113,6 +118,8 @@ class Verdict:
     difference: float | None
     combined_std: float | None
     verdict: str
+    dev_difference: float | None = None
+    """The same difference on probe-dev scores (None where a side has none)."""
 
 
 @dataclass
@@ -144,10 +151,14 @@ def summarize(
         for seed, path in students[cell.name]:
             cmp = load_comparison([*ref_paths, Path(path)], teacher=grid.teacher)
             result = cmp.results[-1]
-            entries.append(Entry(seed, Path(path), result, cmp.scores[result["label"]]))
+            label = result["label"]
+            entries.append(
+                Entry(seed, Path(path), result, cmp.scores[label], cmp.dev_scores[label])
+            )
         rows.append(_row(cell.name, cell.label, "floor" if cell.floor else "cell", entries, tasks))
     for spec, path, result in zip(grid.references, ref_paths, refs.results, strict=True):
-        entry = Entry(None, path, result, refs.scores[result["label"]])
+        label = result["label"]
+        entry = Entry(None, path, result, refs.scores[label], refs.dev_scores[label])
         rows.append(_row(spec, spec, "reference", [entry], tasks))
     summary = Summary(rows, tasks, grid.teacher)
     summary.verdicts = [judge(c, summary.row(c.better), summary.row(c.worse)) for c in grid.claims]
@@ -164,7 +175,8 @@ def _row(name: str, label: str, kind: str, entries: list[Entry], tasks: list[str
             )
         )
     score = Spread(tuple(e.score.value for e in entries if e.score.value is not None))
-    return Row(name, label, kind, entries, per_task, score)
+    dev = Spread(tuple(e.dev_score.value for e in entries if e.dev_score.value is not None))
+    return Row(name, label, kind, entries, per_task, score, dev)
 
 
 def judge(claim: Claim, better: Row | None, worse: Row | None) -> Verdict:
@@ -174,9 +186,14 @@ def judge(claim: Claim, better: Row | None, worse: Row | None) -> Verdict:
     if better.score.mean is None or worse.score.mean is None:
         return Verdict(claim, None, None, NO_SCORE)
     difference = better.score.mean - worse.score.mean
+    dev_difference = (
+        None
+        if better.dev_score.mean is None or worse.dev_score.mean is None
+        else better.dev_score.mean - worse.dev_score.mean
+    )
     stds = (better.claim_std, worse.claim_std)
     if None in stds or better.kind == worse.kind == "reference":
-        return Verdict(claim, difference, None, NO_SPREAD)
+        return Verdict(claim, difference, None, NO_SPREAD, dev_difference)
     combined = math.hypot(*stds)
     if difference > RULE_SIGMAS * combined:
         verdict = HOLDS
@@ -184,7 +201,7 @@ def judge(claim: Claim, better: Row | None, worse: Row | None) -> Verdict:
         verdict = FAILS
     else:
         verdict = WITHIN
-    return Verdict(claim, difference, combined, verdict)
+    return Verdict(claim, difference, combined, verdict, dev_difference)
 
 
 # ---------------------------------------------------------------------------- the page
@@ -214,7 +231,7 @@ def _fmt(value: float | None, digits: int) -> str:
 def results_table(summary: Summary) -> str:
     """One row per cell (floor included), then the references."""
     head = ["model", "cell", "seeds", "params (M)"]
-    head += [TASK_TITLES.get(t, t) for t in summary.tasks] + ["score"]
+    head += [TASK_TITLES.get(t, t) for t in summary.tasks] + ["score", "dev score"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.rows:
         params = None if row.params is None else row.params / 1e6
@@ -225,13 +242,14 @@ def results_table(summary: Summary) -> str:
             _fmt(params, 2),
         ]
         cells += [row.tasks[t].text(3) for t in summary.tasks]
-        cells.append(row.score.text(0))
+        cells += [row.score.text(0), row.dev_score.text(0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def claims_table(summary: Summary) -> str:
     head = ["claim", "better", "worse", "score difference", "combined seed std", "verdict"]
+    head.append("dev score difference")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in summary.verdicts:
         cells = [
@@ -241,6 +259,7 @@ def claims_table(summary: Summary) -> str:
             _fmt(v.difference, 0),
             _fmt(v.combined_std, 0),
             v.verdict,
+            _fmt(v.dev_difference, 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -295,7 +314,9 @@ def render_page(summary: Summary, info: PageInfo, folder: str, figures: list[str
         "Task metrics: each seed's value is the mean over probe seeds; cells show mean ± std "
         "(sample std) over distillation seeds, references one evaluation (mean over probe "
         "seeds). Score: 1000 x mean over tasks of (model - fbank) / (teacher - fbank), error "
-        "rates as 1 - error."
+        "rates as 1 - error, on probe-test; dev score: the same on probe-dev (each probe's "
+        "selected epoch), the number to choose a configuration by, so that probe-test stays "
+        "a report."
     )
     md += ["", spread_line(summary)]
     md += _flag_lines(summary)
@@ -323,11 +344,9 @@ def summary_json(summary: Summary) -> dict[str, Any]:
                 "kind": r.kind,
                 "seeds": r.seeds,
                 "params": r.params,
-                "tasks": {
-                    t: {"values": list(s.values), "mean": s.mean, "std": s.std}
-                    for t, s in r.tasks.items()
-                },
-                "score": {"values": list(r.score.values), "mean": r.score.mean, "std": r.score.std},
+                "tasks": {t: _spread_json(s) for t, s in r.tasks.items()},
+                "score": _spread_json(r.score),
+                "dev_score": _spread_json(r.dev_score),
                 "files": [r.copy_name(e) for e in r.entries],
             }
             for r in summary.rows
@@ -340,10 +359,15 @@ def summary_json(summary: Summary) -> dict[str, Any]:
                 "difference": v.difference,
                 "combined_std": v.combined_std,
                 "verdict": v.verdict,
+                "dev_difference": v.dev_difference,
             }
             for v in summary.verdicts
         ],
     }
+
+
+def _spread_json(spread: Spread) -> dict[str, Any]:
+    return {"values": list(spread.values), "mean": spread.mean, "std": spread.std}
 
 
 def write_page(summary: Summary, info: PageInfo, layout: Layout) -> Path:
