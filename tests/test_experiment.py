@@ -33,6 +33,8 @@ from colld.experiments.summary import (
     NOT_RUN,
     WITHIN,
     PageInfo,
+    StudentFiles,
+    read_monitor,
     summarize,
     write_page,
 )
@@ -101,9 +103,13 @@ def _error(tmp_path: Path, grid: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- validation
 
 
+# Every grid of configs/experiments; ablation's --quick run has a test of its own below.
+GRIDS = ["ablation", "collapse", "sensitivity", "shape", "steps", "targets"]
+
+
 def test_the_repos_grids_load() -> None:
     paths = sorted((REPO / GRID_DIR).rglob("*.yaml"))
-    assert [p.stem for p in paths] == ["ablation", "sensitivity", "shape", "steps", "targets"]
+    assert [p.stem for p in paths] == GRIDS
     for path in paths:
         grid = load_grid(path)
         assert grid.teacher == "whisper-base"
@@ -210,7 +216,20 @@ _STUDENTS = {
 }
 
 
-def _fabricated(tmp_path: Path) -> tuple[dict[str, list[tuple[int, Path]]], dict[str, Path]]:
+def _metrics(path: Path, seed: int, collapse: bool) -> Path:
+    """A run's metrics.jsonl: dev evaluations at steps 0 and 80 (a training row between), two
+    student layers; with ``collapse`` layer s2's std falls to a tenth (seed 1: a fifth)."""
+    end = (0.1 if seed == 0 else 0.2) if collapse else 1.0
+    rows = [
+        {"step": 0, "dev/loss": 4.0, "dev/student_std/s1": 0.5, "dev/student_std/s2": 0.8},
+        {"step": 40, "train/loss": 3.0},
+        {"step": 80, "dev/loss": 2.0, "dev/student_std/s1": 0.5, "dev/student_std/s2": 0.8 * end},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _fabricated(tmp_path: Path) -> tuple[dict[str, list[StudentFiles]], dict[str, Path]]:
     refs = {
         "fbank": _result("fbank", "fbank", 0.5, 0.2),
         "whisper-base": _result("whisper-base", "teacher", 0.9, 0.6),
@@ -219,7 +238,13 @@ def _fabricated(tmp_path: Path) -> tuple[dict[str, list[tuple[int, Path]]], dict
     references = {spec: _dump(tmp_path / "refs" / f"{spec}.json", r) for spec, r in refs.items()}
     students = {
         cell: [
-            (seed, _dump(tmp_path / cell / f"seed-{seed}.json", _result(f"student:seed-{seed}", "student", lid, sid)))
+            StudentFiles(
+                seed,
+                _dump(tmp_path / cell / f"seed-{seed}.json", _result(f"student:seed-{seed}", "student", lid, sid)),
+                # a and c have run metrics (c collapsing); the others none (like old runs)
+                _metrics(tmp_path / cell / f"seed-{seed}.metrics.jsonl", seed, cell == "c")
+                if cell in ("a", "c") else None,
+            )
             for seed, (lid, sid) in enumerate(values)
         ]
         for cell, values in _STUDENTS.items()
@@ -276,13 +301,39 @@ def test_table_and_claims_on_known_numbers(tmp_path: Path) -> None:
     assert "| whisper-tiny.en | reference | — | 6.00 | 0.800 | 0.500 | 750 | 750 |" in page
     claims = page[page.index(CLAIMS_BEGIN) : page.index(CLAIMS_END)]
     assert "| a beats b | `a` | `b` | 275 | 25 | holds | 275 |" in claims
+    monitor = page[page.index("## Distillation monitor") : page.index("## Claims")]
+    assert (
+        "| A | `a` | 0 -> 80 | 4.000 -> 2.000 | 0.5 (0.5) / 0.8 (0.8) | 1.00 ± 0.00 | 525 ± 25 |"
+        in monitor
+    )
+    assert (
+        "| C | `c` | 0 -> 80 | 4.000 -> 2.000 | 0.5 (0.5) / 0.133 (0.8) | 0.17 ± 0.06 | 500 ± 25 |"
+        in monitor
+    )
+    assert "`b`" not in monitor  # no metrics: no monitor row
     assert "Seed spread" in page
     assets = tmp_path / "out" / "grid"
-    for name in ("a-seed-2.json", "floor-seed-0.json", "fbank.json", "tasks.png", "summary.json"):
+    assert "[grid/c-seed-1.metrics.jsonl](grid/c-seed-1.metrics.jsonl)" in page
+    assert "b-seed-0.metrics.jsonl" not in page
+    names = ("a-seed-2.json", "c-seed-0.metrics.jsonl", "floor-seed-0.json", "fbank.json")
+    for name in (*names, "tasks.png", "summary.json"):
         assert (assets / name).is_file(), name
     saved = json.loads((assets / "summary.json").read_text())
     assert saved["claims"][0]["verdict"] == HOLDS
     assert saved["rows"][0]["dev_score"]["mean"] == pytest.approx(550)
+    assert saved["rows"][2]["min_std_ratio"]["mean"] == pytest.approx(0.5 / 3)
+
+
+def test_read_monitor(tmp_path: Path) -> None:
+    monitor = read_monitor(_metrics(tmp_path / "m.jsonl", 0, collapse=True))
+    assert monitor is not None
+    assert monitor.steps == (0, 80) and monitor.loss == (4.0, 2.0)
+    assert monitor.std == {"s1": (0.5, 0.5), "s2": (0.8, pytest.approx(0.08))}
+    assert monitor.min_std_ratio == pytest.approx(0.1)
+    assert read_monitor(None) is None
+    assert read_monitor(tmp_path / "missing.jsonl") is None
+    (tmp_path / "train-only.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
+    assert read_monitor(tmp_path / "train-only.jsonl") is None
 
 
 # ---------------------------------------------------------------------------- resuming
@@ -334,7 +385,8 @@ def test_finished_units_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     timings = runner.Timings(layout.timings)
     students = runner._run_units(grid, units, left, settings, layout, timings, quick=False)
     assert ran == [u.key for u in units[1:]]
-    assert [seed for seed, _ in students["a"]] == [0, 1, 2]
+    assert [files.seed for files in students["a"]] == [0, 1, 2]
+    assert students["a"][0].metrics == units[0].run_dir / "metrics.jsonl"
     assert set(timings.seconds) == set(ran)
 
 
@@ -364,12 +416,13 @@ def test_quick_ablation_through_the_cli(
 
 
 @pytest.mark.slow  # one quick cell and three quick reference evaluations per grid
-@pytest.mark.parametrize("name", ["sensitivity", "shape", "steps", "targets"])
+@pytest.mark.parametrize("name", [g for g in GRIDS if g != "ablation"])
 def test_every_grid_runs_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     first = load_grid(REPO / GRID_DIR / f"{name}.yaml").cells[0].name
     argv = ["experiment", name, "--quick", "--cells", first]
     assert main([*argv, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]) == 0
-    assert (tmp_path / "out" / f"{name}.md").is_file()
+    page = (tmp_path / "out" / f"{name}.md").read_text()
+    assert "## Distillation monitor" in page and f"| `{first}` | 0 -> " in page
     result = json.loads((tmp_path / "out" / name / f"{first}-seed-0.json").read_text())
     assert result["schema"] == SCHEMA

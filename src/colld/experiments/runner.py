@@ -38,7 +38,13 @@ from colld.experiments.grid import (
     seeds,
     unit_config,
 )
-from colld.experiments.summary import PageInfo, results_table, summarize, write_page
+from colld.experiments.summary import (
+    PageInfo,
+    StudentFiles,
+    results_table,
+    summarize,
+    write_page,
+)
 from colld.fsutil import write_json_atomic
 from colld.students.export import read_provenance
 from colld.teachers.hf import weight_files_fingerprint
@@ -280,11 +286,11 @@ def _run_units(
     timings: Timings,
     *,
     quick: bool,
-) -> dict[str, list[tuple[int, Path]]]:
-    """Every unit, finished ones skipped; returns cell -> [(seed, result file)]."""
+) -> dict[str, list[StudentFiles]]:
+    """Every unit, finished ones skipped; returns cell -> its students' files, by seed."""
     budget_unit = None if quick else grid.budget.expected_minutes * 60 / _size(grid)
     progress = Progress(len(units), len(left), budget_unit)
-    students: dict[str, list[tuple[int, Path]]] = {}
+    students: dict[str, list[StudentFiles]] = {}
     for unit in units:
         to_run = any(unit is u for u in left)
         progress.header(f"{unit.cell.label} ({unit.key}){'' if to_run else ': finished, skipped'}")
@@ -294,7 +300,9 @@ def _run_units(
             seconds = time.perf_counter() - unit_started
             progress.ran(seconds)
             timings.record(unit.key, seconds)
-        students.setdefault(unit.cell.name, []).append((unit.seed, unit_result_path(unit)))
+        metrics = None if unit.cell.floor else unit.run_dir / "metrics.jsonl"
+        files = StudentFiles(unit.seed, unit_result_path(unit), metrics)
+        students.setdefault(unit.cell.name, []).append(files)
     return students
 
 

@@ -17,6 +17,7 @@ side has one seed or both sides are references; "not run" when a side has no res
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -72,6 +73,58 @@ class Spread:
 
 
 @dataclass(frozen=True)
+class StudentFiles:
+    """What one trained (or floor) student of a cell left: its result file and, for a trained
+    one, its run's ``metrics.jsonl``."""
+
+    seed: int
+    result: Path
+    metrics: Path | None = None
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """A distillation run's dev-set monitor (``metrics.jsonl``): the dev loss and every student
+    layer's std over time (``dev/student_std/s{i}``; near 0 means collapse), at the first and
+    at the last dev evaluation."""
+
+    steps: tuple[int, int]
+    loss: tuple[float, float]
+    std: dict[str, tuple[float, float]]
+
+    @property
+    def min_std_ratio(self) -> float:
+        """The smallest last/first ratio of a layer's std (1: unchanged, -> 0: collapsed)."""
+        return min(last / first for first, last in self.std.values())
+
+
+STD_PREFIX = "dev/student_std/"
+
+
+def read_monitor(path: Path | None) -> Monitor | None:
+    """The monitor of a run's metrics file; None when there is no file or no dev evaluation
+    with a loss (a floor cell, an old run)."""
+    if path is None or not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    dev = [r for r in rows if "dev/loss" in r]
+    if not dev:
+        return None
+    first, last = dev[0], dev[-1]
+    layers = sorted((k[len(STD_PREFIX) :] for k in first if k.startswith(STD_PREFIX)), key=_layer)
+    return Monitor(
+        steps=(int(first["step"]), int(last["step"])),
+        loss=(float(first["dev/loss"]), float(last["dev/loss"])),
+        std={i: (float(first[STD_PREFIX + i]), float(last[STD_PREFIX + i])) for i in layers},
+    )
+
+
+def _layer(name: str) -> int:
+    """ "s12" -> 12 (so that s10 sorts after s9)."""
+    return int(name.lstrip("s"))
+
+
+@dataclass(frozen=True)
 class Entry:
     """One evaluated model of a row: a cell's student at one seed, or a reference."""
 
@@ -81,6 +134,8 @@ class Entry:
     score: Score
     dev_score: Score
     """The same score on probe-dev (what a choice between cells should read)."""
+    metrics: Path | None = None
+    monitor: Monitor | None = None
 
 
 @dataclass
@@ -111,6 +166,14 @@ class Row:
         """The result file's name in the page's folder."""
         return entry.path.name if entry.seed is None else f"{self.name}-seed-{entry.seed}.json"
 
+    def metrics_name(self, entry: Entry) -> str:
+        """The run's metrics file's name in the page's folder."""
+        return f"{self.name}-seed-{entry.seed}.metrics.jsonl"
+
+    @property
+    def monitors(self) -> list[Monitor]:
+        return [e.monitor for e in self.entries if e.monitor is not None]
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -135,11 +198,12 @@ class Summary:
 
 def summarize(
     grid: Grid,
-    students: Mapping[str, Sequence[tuple[int, Path]]],
+    students: Mapping[str, Sequence[StudentFiles]],
     references: Mapping[str, Path],
 ) -> Summary:
-    """Rows of the cells in ``students`` (cell -> [(seed, result file)]), then the references
-    (spec -> result file; all of ``grid.references``), and the verdict of every claim."""
+    """Rows of the cells in ``students`` (cell -> one StudentFiles per seed), then the
+    references (spec -> result file; all of ``grid.references``), and the verdict of every
+    claim."""
     ref_paths = [Path(references[spec]) for spec in grid.references]
     refs = load_comparison(ref_paths, teacher=grid.teacher)
     tasks = list(refs.results[0]["settings"]["tasks"])
@@ -148,13 +212,14 @@ def summarize(
         if not students.get(cell.name):
             continue
         entries = []
-        for seed, path in students[cell.name]:
-            cmp = load_comparison([*ref_paths, Path(path)], teacher=grid.teacher)
+        for files in students[cell.name]:
+            cmp = load_comparison([*ref_paths, Path(files.result)], teacher=grid.teacher)
             result = cmp.results[-1]
             label = result["label"]
-            entries.append(
-                Entry(seed, Path(path), result, cmp.scores[label], cmp.dev_scores[label])
-            )
+            scores = (cmp.scores[label], cmp.dev_scores[label])
+            monitor = read_monitor(files.metrics)
+            metrics = files.metrics if monitor is not None else None
+            entries.append(Entry(files.seed, Path(files.result), result, *scores, metrics, monitor))
         rows.append(_row(cell.name, cell.label, "floor" if cell.floor else "cell", entries, tasks))
     for spec, path, result in zip(grid.references, ref_paths, refs.results, strict=True):
         label = result["label"]
@@ -265,6 +330,45 @@ def claims_table(summary: Summary) -> str:
     return "\n".join(lines)
 
 
+def monitor_table(summary: Summary) -> str | None:
+    """Trained cells' distillation monitor beside their score: dev loss and every student
+    layer's std over time, first -> last dev evaluation (means over seeds). None when no row
+    has one."""
+    rows = [r for r in summary.rows if r.monitors]
+    if not rows:
+        return None
+    head = ["model", "cell", "steps", "dev loss", "student std per layer at the end (first)"]
+    head += ["min std ratio", "score"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        ms = row.monitors
+        layers = list(ms[0].std)
+        first = {i: statistics.fmean(m.std[i][0] for m in ms) for i in layers}
+        last = {i: statistics.fmean(m.std[i][1] for m in ms) for i in layers}
+        stds = " / ".join(f"{last[i]:.3g} ({first[i]:.3g})" for i in layers)
+        cells = [
+            row.label,
+            f"`{row.name}`",
+            f"{ms[0].steps[0]} -> {ms[0].steps[1]}",
+            f"{statistics.fmean(m.loss[0] for m in ms):.3f} -> "
+            f"{statistics.fmean(m.loss[1] for m in ms):.3f}",
+            stds,
+            Spread(tuple(m.min_std_ratio for m in ms)).text(2),
+            row.score.text(0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MONITOR_NOTE = (
+    "Distillation monitor: from each run's metrics.jsonl (its dev split, not the probes), at "
+    "the first and the last dev evaluation, mean over seeds. Student std: a layer's std over "
+    "time on valid frames, averaged over dims and utterances; min std ratio: the smallest "
+    "last/first ratio over layers (mean ± std over seeds), near 0 when a layer collapses to "
+    "a constant."
+)
+
+
 def spread_line(summary: Summary) -> str:
     stds = sorted(r.score.std for r in summary.rows if r.score.std is not None)
     if not stds:
@@ -320,15 +424,17 @@ def render_page(summary: Summary, info: PageInfo, folder: str, figures: list[str
     )
     md += ["", spread_line(summary)]
     md += _flag_lines(summary)
+    monitors = monitor_table(summary)
+    if monitors is not None:
+        md += ["", "## Distillation monitor", "", monitors, "", MONITOR_NOTE]
     md += ["", "## Claims", "", CLAIMS_BEGIN, "", claims_table(summary), "", VERDICT_RULE, ""]
     md += [CLAIMS_END, "", "## Plots", ""]
     md += [f"![{name}]({folder}/{name})" for name in figures]
     md += ["", "## Files", ""]
-    md += [
-        f"- [{folder}/{row.copy_name(e)}]({folder}/{row.copy_name(e)})"
-        for row in summary.rows
-        for e in row.entries
-    ]
+    for row in summary.rows:
+        for e in row.entries:
+            names = [row.copy_name(e)] + ([row.metrics_name(e)] if e.metrics else [])
+            md += [f"- [{folder}/{name}]({folder}/{name})" for name in names]
     return "\n".join(md) + "\n"
 
 
@@ -347,6 +453,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
                 "tasks": {t: _spread_json(s) for t, s in r.tasks.items()},
                 "score": _spread_json(r.score),
                 "dev_score": _spread_json(r.dev_score),
+                "min_std_ratio": _spread_json(Spread(tuple(m.min_std_ratio for m in r.monitors))),
                 "files": [r.copy_name(e) for e in r.entries],
             }
             for r in summary.rows
@@ -378,6 +485,8 @@ def write_page(summary: Summary, info: PageInfo, layout: Layout) -> Path:
     for row in summary.rows:
         for entry in row.entries:
             shutil.copy2(entry.path, layout.assets / row.copy_name(entry))
+            if entry.metrics is not None:
+                shutil.copy2(entry.metrics, layout.assets / row.metrics_name(entry))
     figures = write_plots(summary, layout.assets)
     write_json_atomic(layout.assets / "summary.json", summary_json(summary))
     page = render_page(summary, info, layout.assets.name, figures)
