@@ -104,7 +104,7 @@ def _error(tmp_path: Path, grid: dict[str, Any]) -> str:
 
 
 # Every grid of configs/experiments; ablation's --quick run has a test of its own below.
-GRIDS = ["ablation", "collapse", "sensitivity", "shape", "steps", "targets"]
+GRIDS = ["ablation", "collapse", "hours", "sensitivity", "shape", "steps", "targets"]
 
 
 def test_the_repos_grids_load() -> None:
@@ -169,6 +169,21 @@ def test_a_cell_may_have_its_own_step_budget(tmp_path: Path) -> None:
     grid["cells"][5].pop("max_steps")
     grid["cells"][1]["max_steps"] = 0
     assert "cells[1] (b).max_steps: 0; expected an integer > 0" in _error(tmp_path, grid)
+
+
+def test_quick_overrides_apply_with_quick_only(tmp_path: Path) -> None:
+    grid = _grid()
+    grid["cells"][0]["overrides"] = ["data.train_hours=0.5"]
+    grid["cells"][0]["quick_overrides"] = ["data.train_hours=0.01"]
+    loaded = load_grid(_write_grid(tmp_path, grid))
+    layout = make_layout(loaded, quick=False, out=str(tmp_path / "out"), runs=str(tmp_path))
+    cell = loaded.cells[0]
+    assert unit_config(loaded, cell, 0, layout, quick=False).data.train_hours == 0.5
+    assert unit_config(loaded, cell, 0, layout, quick=True).data.train_hours == 0.01
+    grid["cells"][0]["quick_overrides"] = ["train.seed=1"]
+    assert "quick_overrides[0]" in _error(tmp_path, grid)
+    grid["cells"][0]["quick_overrides"] = ["data.train_hours=-1"]
+    assert "cell 'a' with --quick" in _error(tmp_path, grid)
 
 
 def test_references_must_hold_fbank_and_the_teacher(tmp_path: Path) -> None:

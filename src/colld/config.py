@@ -50,6 +50,11 @@ class DataConfig:
     HF dataset saved to disk. None = the embedded corpus' train split."""
     dev: str | None = None
     """Held-out data for the dev loss. None = the embedded corpus' dev split (or none)."""
+    train_hours: float | None = None
+    """Train on only this many hours of the training data: the shortest prefix of one fixed
+    shuffle of it (the same for every run and seed, so smaller subsets lie inside larger ones)
+    that reaches them. With ``target_cache`` the cache still covers the whole training data
+    (one cache serves every subset). None = all of it."""
     batch_seconds: float = 80.0
     """Seconds of audio per batch and process (before gradient accumulation)."""
     max_duration: float = 15.0
@@ -321,6 +326,8 @@ def validate(cfg: RunConfig) -> None:
     d = cfg.data
     validate_batching(d, "one cropped utterance")
     validate_train(cfg.train)
+    if d.train_hours is not None:
+        check_ranges(positive={"data.train_hours": d.train_hours})
     if d.target_cache is not None and not d.target_cache.strip():
         raise ConfigError("data.target_cache must name a directory or be null, found ''")
     if d.target_cache is not None and d.augment.enabled:

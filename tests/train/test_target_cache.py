@@ -297,6 +297,22 @@ def test_cached_distill_runs_and_resumes_through_the_cli(assets, tmp_path: Path)
     assert (run_dir / "student" / "model.safetensors").is_file()
 
 
+def test_one_cache_serves_a_subset_of_the_hours(assets, tmp_path: Path) -> None:
+    """data.train_hours with the cache of all the data: the run trains on its subset's
+    segments only, and the student records the subset."""
+    cache = tmp_path / "cache"
+    assert _cli(assets, tmp_path, "cache-teacher", "--out", str(cache)) == 0
+    hours = 3.0 / 3600  # 3 s of the 15.1 s: the subset takes one or two of the six tones
+    use = (f"data.target_cache={cache}", "data.num_workers=0", f"data.train_hours={hours}")
+    assert _cli(assets, tmp_path, "distill", *use, "train.max_steps=2") == 0
+    provenance = json.loads((tmp_path / "run" / "student" / "colld.json").read_text())
+    data = provenance["data"]
+    assert 1 <= data["train_utterances"] < len(DURATIONS)
+    assert 3.0 / 3600 <= data["train_hours"] < sum(DURATIONS) / 3600
+    asked = (f"data.train_hours={sum(DURATIONS)}",)  # hours, not seconds: more than there is
+    assert _cli(assets, tmp_path, "distill", *asked, "train.max_steps=2", run="too-much") == 2
+
+
 def test_augmentation_and_a_cache_are_refused_together(assets, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.augment.enabled"):
         _config(assets, tmp_path, "data.target_cache=somewhere", "data.augment.enabled=true")

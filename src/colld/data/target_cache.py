@@ -381,11 +381,14 @@ class TargetCache:
         return {layer: np.array(maps[layer][start:stop]) for layer in layers or self.layers}
 
     def segment_utterances(self, utterances: Sequence[Utterance]) -> list[Utterance]:
-        """The cached, usable segments as manifest rows (metadata from ``utterances``)."""
+        """The cached, usable segments of ``utterances`` as manifest rows (metadata from
+        ``utterances``). They may be a subset of the cached data (``data.train_hours``): the
+        other utterances' segments are left out; the fingerprint check has made sure that
+        the cache was built from the data they come from."""
         by_id = {utt.id: utt for utt in utterances}
         out = []
         for row in self.rows:
-            if row.get("skipped"):
+            if row.get("skipped") or row["utterance_id"] not in by_id:
                 continue
             base = by_id[row["utterance_id"]]
             out.append(replace(base, id=row["id"], offset=row["offset"], duration=row["duration"]))

@@ -6,14 +6,17 @@ A grid file (``configs/experiments/NAME.yaml``) holds:
     budget                 corpus hours, steps, batch seconds, distillation and probe seeds, and
                            the expected wall time with evaluation (printed at start)
     base                   ``a.b=c`` config overrides shared by every cell
-    cells                  {name, label, overrides, floor, max_steps}: one row of the results
-                           table each; a ``floor`` cell is the student as initialised, exported
-                           untrained; ``max_steps`` replaces the budget's steps for that cell
+    cells                  {name, label, overrides, floor, max_steps, quick_overrides}: one row
+                           of the results table each; a ``floor`` cell is the student as
+                           initialised, exported untrained; ``max_steps`` replaces the budget's
+                           steps for that cell; ``quick_overrides`` apply with --quick only,
+                           last (a value that the quick corpus cannot hold, e.g. hours)
     references             models evaluated as they are; fbank and the teacher are required (the
                            score is normalised between them)
     claims                 {claim, better, worse}: score differences the page judges
 
-A cell's config at seed S is: defaults <- budget <- base <- cell <- (--quick) <- the runner's keys
+A cell's config at seed S is: defaults <- budget <- base <- cell <- (--quick, then the cell's
+quick_overrides) <- the runner's keys
 (``train.output_dir`` = RUNS/NAME/CELL/seed-S, ``train.seed`` = S, ``data.target_cache``). The
 budget and the runner own their keys; setting one in ``base`` or a cell is an error, so every
 value has one home. Cells must also keep the teacher and the data of ``base``: one teacher is the
@@ -104,6 +107,9 @@ class Cell:
     max_steps: int | None = None
     """This cell's optimizer updates instead of ``budget.max_steps``: for a grid whose question
     is the training length (e.g. ``steps``); every other grid keeps one step budget."""
+    quick_overrides: list[str] = field(default_factory=list)
+    """Overrides for ``--quick`` only, after the quick ones: where a cell's value does not fit
+    the tiny quick run (e.g. ``data.train_hours`` beyond the quick corpus)."""
 
 
 @dataclass(kw_only=True)
@@ -398,8 +404,9 @@ def _validate_cells(grid: Grid) -> None:
                 f"cells[{i}] ({cell.name}).max_steps: {cell.max_steps!r}; expected an integer > 0",
             )
         owned = (*BUDGET_KEYS.values(), *RUNNER_KEYS, *SHARED_KEYS)
-        for j, text in enumerate(cell.overrides):
-            _check_override(text, f"cells[{i}] ({cell.name}).overrides[{j}]", owned, where)
+        for key in ("overrides", "quick_overrides"):
+            for j, text in enumerate(getattr(cell, key)):
+                _check_override(text, f"cells[{i}] ({cell.name}).{key}[{j}]", owned, where)
 
 
 def _validate_references(grid: Grid) -> None:
@@ -470,7 +477,7 @@ def uses_target_cache(cell: Cell, cfg: RunConfig) -> bool:
 def cell_overrides(grid: Grid, cell: Cell, *, quick: bool) -> list[str]:
     """budget (with the cell's own ``max_steps``) <- base <- cell <- (quick); the runner's own
     keys come after these."""
-    quick_part = list(QUICK_OVERRIDES) if quick else []
+    quick_part = [*QUICK_OVERRIDES, *cell.quick_overrides] if quick else []
     budget = grid.budget.overrides()
     if cell.max_steps is not None:
         budget.append(f"{BUDGET_KEYS['max_steps']}={cell.max_steps}")

@@ -7,7 +7,8 @@ non-empty batch, the position training has consumed (for checkpoints), and a res
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,32 @@ def resolve_sources(cfg: DataConfig, seed: int) -> Sources:
     return train, dev
 
 
+# The shuffle that ``data.train_hours`` takes its prefix of: fixed, independent of train.seed,
+# so that a grid over hours compares nested subsets and the distillation seeds vary the rest.
+SUBSET_SEED = 0
+
+
+def take_hours(utterances: Sequence[Utterance], hours: float, source: str) -> list[Utterance]:
+    """The shortest prefix of a fixed shuffle of ``utterances`` holding >= ``hours`` of audio,
+    in manifest order. Raises ValueError when they hold less (naming ``source`` and both
+    numbers)."""
+    total = sum(u.duration for u in utterances) / 3600
+    if hours > total + 1e-9:
+        raise ValueError(
+            f"data.train_hours = {hours:g} but the training data ({source}) holds only "
+            f"{total:.3f} h in {len(utterances)} utterances; ask for at most that, or use more data"
+        )
+    order = list(range(len(utterances)))
+    random.Random(SUBSET_SEED).shuffle(order)
+    kept, seconds = set(), 0.0
+    for i in order:
+        if seconds >= hours * 3600:
+            break
+        kept.add(i)
+        seconds += utterances[i].duration
+    return [u for i, u in enumerate(utterances) if i in kept]
+
+
 def ensure_embedded_corpus(corpus_dir: Path, hours: float, seed: int) -> Path:
     """Build the espeak-ng corpus unless a complete one is there (resumable)."""
     from colld.data.synth import SynthConfig, corpus_is_complete, synthesize_corpus
@@ -140,6 +167,8 @@ def build_data(
     """
     frontend = FrontEnd(feature_extractor)
     (train_utts, train_root), dev = sources if sources is not None else resolve_sources(cfg, seed)
+    if cfg.train_hours is not None:
+        train_utts = take_hours(train_utts, cfg.train_hours, cfg.train or str(train_root))
     common: dict[str, Any] = dict(
         batch_seconds=cfg.batch_seconds,
         max_duration=cfg.max_duration if crop else None,
