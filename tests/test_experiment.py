@@ -104,7 +104,16 @@ def _error(tmp_path: Path, grid: dict[str, Any]) -> str:
 
 
 # Every grid of configs/experiments; ablation's --quick run has a test of its own below.
-GRIDS = ["ablation", "collapse", "hours", "sensitivity", "shape", "steps", "targets"]
+GRIDS = [
+    "ablation",
+    "collapse",
+    "hours",
+    "sensitivity",
+    "shape",
+    "steps",
+    "targets",
+    "vs-compression",
+]
 
 
 def test_the_repos_grids_load() -> None:

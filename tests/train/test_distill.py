@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from colld.cli import main
 from colld.testing import TINY_RUN_OVERRIDES, tiny_teacher_dir, write_tones
@@ -78,6 +80,27 @@ def test_resume_refuses_changed_config_and_continues(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert list_checkpoints(run_dir)[-1].name == "step_00000006"
+
+
+def test_pruned_student_distills_and_resumes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """student.init=prune through the CLI: the plan is measured on training audio before the
+    student exists, the heads start on the kept channels, and a resumed run plans the same."""
+    caplog.set_level(logging.INFO, logger="colld")
+    extra = ("student.init=prune", "student.prune_seconds=4")
+    run_dir = _run(tmp_path, "whisper", *extra)
+    plans = [r.getMessage() for r in caplog.records if "init='prune': teacher" in r.getMessage()]
+    assert len(plans) == 1 and "keeps teacher layers" in plans[0]
+    assert "calibration audio: " in caplog.text
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["student"]["init"] == "prune" and config["objective"]["head_init"] == "select"
+    caplog.clear()
+    assert main(_args(tmp_path, "whisper", "train.max_steps=6", *extra)) == 0
+    again = [r.getMessage() for r in caplog.records if "init='prune': teacher" in r.getMessage()]
+    assert again == plans
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_prediction_heads_and_l1cos_baselines_run(tmp_path: Path) -> None:

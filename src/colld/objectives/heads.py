@@ -24,15 +24,27 @@ def _make_head(student_dim: int, teacher_dim: int, hidden_dim: int | None) -> nn
     )
 
 
-def _select_init(head: nn.Module, student_dim: int, teacher_dim: int) -> None:
+def _select_init(
+    head: nn.Module, student_dim: int, teacher_dim: int, channels: Sequence[int] | None
+) -> None:
     if not isinstance(head, nn.Linear) or student_dim > teacher_dim:
         raise ValueError(
             "head init 'select' needs single-Linear heads and a student no wider than the "
             f"teacher; got {type(head).__name__} heads, D_s {student_dim}, D_t {teacher_dim}"
         )
+    rows = list(range(student_dim)) if channels is None else [int(c) for c in channels]
+    if (
+        len(rows) != student_dim
+        or len(set(rows)) != student_dim
+        or not all(0 <= c < teacher_dim for c in rows)
+    ):
+        raise ValueError(
+            f"head init 'select': channels must be {student_dim} distinct teacher dims in "
+            f"0..{teacher_dim - 1}; got {len(rows)} ({len(set(rows))} distinct)"
+        )
     with torch.no_grad():
         head.weight.zero_()
-        head.weight[:student_dim].copy_(torch.eye(student_dim))
+        head.weight[rows, torch.arange(student_dim)] = 1.0
         head.bias.zero_()
 
 
@@ -46,6 +58,8 @@ class PredictionHeads(nn.Module):
         hidden width.
     init: "random" (nn.Linear's init) or "select": W = [I; 0], b = 0, i.e. the student's D_s
         dimensions land on the teacher's first D_s (single Linear heads, D_s <= D_t).
+    channels: for "select", the teacher dims the student's dims land on instead of the first
+        D_s (a pruned student's kept residual channels, ``PrunePlan.residual``).
     """
 
     def __init__(
@@ -56,6 +70,7 @@ class PredictionHeads(nn.Module):
         hidden_dim: int | None = None,
         *,
         init: str = "random",
+        channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not pairs:
@@ -68,7 +83,7 @@ class PredictionHeads(nn.Module):
         )
         if init == "select":
             for head in self.heads:
-                _select_init(head, student_dim, teacher_dim)
+                _select_init(head, student_dim, teacher_dim, channels)
 
     @property
     def names(self) -> list[str]:

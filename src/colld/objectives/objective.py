@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,8 +112,10 @@ class ObjectiveConfig:
     """"random": nn.Linear's own init. "select": each head starts as W = [I; 0], b = 0, putting
     the student's D_s dimensions on the teacher's first D_s (the transpose of
     ``student.init=teacher``'s weight selection, so a teacher-initialised student is already
-    aligned with its targets at step 0). Needs one Linear per head (no head_hidden_dim).
-    "auto" (default): "select" for a teacher-initialised student with single-Linear heads,
+    aligned with its targets at step 0; a pruned student's dims land on the teacher channels it
+    kept). Needs one Linear per head (no head_hidden_dim).
+    "auto" (default): "select" for a teacher- or prune-initialised student with single-Linear
+    heads,
     else "random" (``resolve_head_init``; the run's recorded config holds the resolved value)."""
 
     def validate(self, num_student_layers: int, num_teacher_layers: int) -> list[tuple[int, int]]:
@@ -188,14 +191,15 @@ class ObjectiveConfig:
 
 
 def resolve_head_init(config: ObjectiveConfig, student_init: str) -> ObjectiveConfig:
-    """``head_init="auto"`` made concrete: "select" where the student starts as the teacher's
-    weight selection (``student_init == "teacher"``) and the heads are single Linears, so
+    """``head_init="auto"`` made concrete: "select" where the student starts as a selection of
+    the teacher's weights (``student_init`` "teacher" or "prune") and the heads are single
+    Linears, so
     student and heads start aligned with the targets; "random" otherwise. Measured: with
     teacher-initialised students, random heads made training worse than the untrained student
     (docs/results/demo.md, "Follow-up"). Other values are returned unchanged."""
     if config.head_init != "auto":
         return config
-    aligned = student_init == "teacher" and config.head_hidden_dim is None
+    aligned = student_init in ("teacher", "prune") and config.head_hidden_dim is None
     return dataclasses.replace(config, head_init="select" if aligned else "random")
 
 
@@ -243,7 +247,11 @@ class DistillObjective(nn.Module):
         teacher_dim: int,
         num_student_layers: int,
         num_teacher_layers: int,
+        head_channels: Sequence[int] | None = None,
     ) -> None:
+        """head_channels: the teacher dims the student's dims start aligned with, for
+        ``head_init="select"`` (a pruned student's ``PrunePlan.residual``; None = the first
+        D_s)."""
         super().__init__()
         self.config = config
         self.pairs = config.validate(num_student_layers, num_teacher_layers)
@@ -251,7 +259,12 @@ class DistillObjective(nn.Module):
         # the student's init: the heads get nn.Linear's own.
         head_init = "random" if config.head_init == "auto" else config.head_init
         self.heads = PredictionHeads(
-            self.pairs, student_dim, teacher_dim, config.head_hidden_dim, init=head_init
+            self.pairs,
+            student_dim,
+            teacher_dim,
+            config.head_hidden_dim,
+            init=head_init,
+            channels=head_channels,
         )
         self.normalizer = TargetNormalizer(config.target_norm, self.teacher_layers, teacher_dim)
         weights = config.pair_weights or [1.0] * len(self.pairs)
@@ -268,7 +281,11 @@ class DistillObjective(nn.Module):
 
     @classmethod
     def for_encoders(
-        cls, config: ObjectiveConfig, student: SpeechEncoder, teacher: SpeechEncoder
+        cls,
+        config: ObjectiveConfig,
+        student: SpeechEncoder,
+        teacher: SpeechEncoder,
+        head_channels: Sequence[int] | None = None,
     ) -> DistillObjective:
         """The objective between ``student`` and ``teacher`` (widths and depths read off them)."""
         return cls(
@@ -277,6 +294,7 @@ class DistillObjective(nn.Module):
             teacher_dim=teacher.hidden_dim,
             num_student_layers=student.num_layers,
             num_teacher_layers=teacher.num_layers,
+            head_channels=head_channels,
         )
 
     @property

@@ -40,6 +40,11 @@ Initialisation (one policy for every shape, so comparing shapes does not compare
         agree with each other; taking the first n (not every k-th) keeps whole attention
         heads where the head size allows. With the teacher's widths this is an exact copy.
         A student axis larger than the teacher's raises an error naming the tensor.
+    "prune": structured pruning of the teacher by activation importance (Whisper encoders;
+        ``colld.students.prune``): the top residual channels, whole heads, FFN neurons and
+        layers, measured on ``prune_seconds`` of training audio. The student's head size must
+        be the teacher's, e.g. Whisper base -> 6 x 256 with 4 heads; with the shallow-wide
+        preset and explicit layers/width/heads the FFN is solved to the parameter budget.
 
 LayerDrop is set to 0 (layer-to-layer distillation needs every layer), HF's own random
 SpecAugment is disabled (``mask_feature_prob = 0``, ``mask_time_prob > 0`` only so that
@@ -53,21 +58,28 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from colld.data.batch import Batch
 from colld.encoders import wrap_encoder
 from colld.encoders.base import SpeechEncoder
 from colld.objectives.layer_map import uniform_layer_map
+from colld.students.prune import (
+    PrunePlan,
+    copy_pruned_weights,
+    measure_importance,
+    plan_pruning,
+)
 
 logger = logging.getLogger(__name__)
 
 PRESETS = ("deep-narrow", "shallow-wide")
-INITS = ("random", "teacher")
+INITS = ("random", "teacher", "prune")
 SHALLOW_WIDE_LAYERS = 2
 # Every head size is a multiple of this (fast attention kernels want it).
 HEAD_DIM_MULTIPLE = 8
@@ -118,9 +130,12 @@ class StudentSpec:
         2 layers, narrower FFN) at the same parameter count.
     num_layers, hidden_dim, num_heads, ffn_dim: explicit sizes; override the preset.
     init: "teacher" (default: front end and every k-th layer from the teacher, narrower axes
-        keep their first n entries) or "random" (HF init under the seed). The default was
-        chosen by measurement: docs/results/demo.md, "Follow-up".
+        keep their first n entries), "random" (HF init under the seed) or "prune" (the
+        teacher's most important channels, heads, neurons and layers; Whisper encoders). The
+        default was chosen by measurement: docs/results/demo.md, "Follow-up".
     compression: teacher parameters / student parameters the presets aim at.
+    prune_seconds: seconds of training audio (in manifest order) the teacher's activations
+        are measured on for ``init="prune"``.
     """
 
     preset: str = "deep-narrow"
@@ -130,6 +145,7 @@ class StudentSpec:
     ffn_dim: int | None = None
     init: str = "teacher"
     compression: float = 3.3
+    prune_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -140,6 +156,11 @@ class StudentSpec:
             raise ValueError(
                 f"StudentSpec.compression={self.compression}; expected >= 1 (teacher "
                 "parameters / student parameters)"
+            )
+        if not self.prune_seconds > 0:
+            raise ValueError(
+                f"StudentSpec.prune_seconds={self.prune_seconds}; expected > 0 (seconds of "
+                "audio the teacher's activations are measured on for init='prune')"
             )
         for name in ("num_layers", "hidden_dim", "num_heads", "ffn_dim"):
             value = getattr(self, name)
@@ -204,11 +225,44 @@ def resolve_student_sizes(teacher: SpeechEncoder, spec: StudentSpec) -> StudentS
     return sizes
 
 
-def build_student(teacher: SpeechEncoder, spec: StudentSpec, *, seed: int) -> SpeechEncoder:
+def plan_pruned_student(
+    teacher: SpeechEncoder, spec: StudentSpec, calibration: Iterable[Batch]
+) -> PrunePlan:
+    """What ``init="prune"`` keeps of ``teacher`` for the student ``spec`` describes, from the
+    teacher's activations on ``calibration`` (batches of training audio)."""
+    sizes = resolve_student_sizes(teacher, spec)
+    full = teacher_sizes(teacher)
+    importance = measure_importance(teacher, calibration, num_heads=full.num_heads)
+    plan = plan_pruning(
+        importance,
+        num_layers=sizes.num_layers,
+        hidden_dim=sizes.hidden_dim,
+        num_heads=sizes.num_heads,
+        ffn_dim=sizes.ffn_dim,
+        head_dim=full.hidden_dim // full.num_heads,
+    )
+    logger.info(
+        "init='prune': teacher activations over %d frames; keeps teacher layers %s, %d of %d "
+        "residual channels, %d of %d heads and %d of %d FFN neurons per layer",
+        importance.frames, [j + 1 for j in plan.layers], sizes.hidden_dim, full.hidden_dim,
+        sizes.num_heads, full.num_heads, sizes.ffn_dim, full.ffn_dim,
+    )  # fmt: skip
+    return plan
+
+
+def build_student(
+    teacher: SpeechEncoder, spec: StudentSpec, *, seed: int, plan: PrunePlan | None = None
+) -> SpeechEncoder:
     """A student of the teacher's family and HF class, sized and initialised per ``spec``.
 
+    plan: for ``init="prune"`` (required there): ``plan_pruned_student``'s result.
     Returned in train mode, wrapped like the teacher (``colld.encoders.wrap_encoder``).
     """
+    if spec.init == "prune" and plan is None:
+        raise ValueError(
+            "student.init=prune needs a pruning plan: plan_pruned_student(teacher, spec, "
+            "calibration batches) measures the teacher on training audio"
+        )
     sizes = resolve_student_sizes(teacher, spec)
     config = student_config(teacher.model.config, sizes)
     cls = type(teacher.model)
@@ -217,6 +271,9 @@ def build_student(teacher: SpeechEncoder, spec: StudentSpec, *, seed: int) -> Sp
         student = wrap_encoder(cls(config))
     if spec.init == "teacher":
         copy_teacher_weights(teacher, student)
+    elif spec.init == "prune":
+        assert plan is not None
+        copy_pruned_weights(teacher, student, plan)
     student.train()
     student.requires_grad_(True)
     if cls.__name__ == "WhisperEncoder":

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from colld.audio import FrontEnd
 from colld.config import DataConfig
 from colld.data.batch import Batch
-from colld.data.dataset import make_loader
+from colld.data.dataset import DistillDataset, make_loader
 from colld.data.manifest import Utterance, read_manifest
 from colld.data.sampler import DurationBucketSampler
 from colld.data.target_cache import TargetCache
@@ -117,6 +117,42 @@ def take_hours(utterances: Sequence[Utterance], hours: float, source: str) -> li
         kept.add(i)
         seconds += utterances[i].duration
     return [u for i, u in enumerate(utterances) if i in kept]
+
+
+def calibration_batches(
+    cfg: DataConfig, train: tuple[list[Utterance], Path], feature_extractor: Any, seconds: float
+) -> list[Batch]:
+    """The first training utterances (manifest order, within ``data.train_hours``) that reach
+    ``seconds`` of audio, cropped to ``data.max_duration`` as training clips are (seeded by
+    ``SUBSET_SEED``), in batches of at most ``data.batch_seconds``: the same every call, so a
+    resumed run measures what the first attempt measured. For ``student.init=prune``."""
+    utterances, root = train
+    if cfg.train_hours is not None:
+        utterances = take_hours(utterances, cfg.train_hours, cfg.train or str(root))
+    dataset = DistillDataset(
+        root, FrontEnd(feature_extractor), max_duration=cfg.max_duration, seed=SUBSET_SEED
+    )
+    requests: list[list[Utterance]] = [[]]
+    batch_total = total = 0.0
+    for utt in utterances:
+        if total >= seconds:
+            break
+        duration = min(utt.duration, cfg.max_duration or utt.duration)
+        if requests[-1] and batch_total + duration > cfg.batch_seconds:
+            requests.append([])
+            batch_total = 0.0
+        requests[-1].append(utt)
+        batch_total += duration
+        total += duration
+    batches = [dataset[request] for request in requests if request]
+    log.info(
+        "calibration audio: %.0f s of %d training utterances in %d batches (%d unreadable)",
+        sum(batch.seconds for batch in batches),
+        sum(len(request) for request in requests),
+        len(batches),
+        sum(len(batch.skipped) for batch in batches),
+    )
+    return [batch for batch in batches if batch.size]
 
 
 def ensure_embedded_corpus(corpus_dir: Path, hours: float, seed: int) -> Path:

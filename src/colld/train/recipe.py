@@ -36,7 +36,7 @@ from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.errors import RunStoppedError
 from colld.objectives.objective import DistillObjective, LossOutput
-from colld.students.build import build_student, count_encoder_parameters
+from colld.students.build import build_student, count_encoder_parameters, plan_pruned_student
 from colld.students.export import export_student
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.checkpoint import (
@@ -47,7 +47,12 @@ from colld.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from colld.train.data_setup import BatchStream, build_data, resolve_sources
+from colld.train.data_setup import (
+    BatchStream,
+    build_data,
+    calibration_batches,
+    resolve_sources,
+)
 from colld.train.metrics import (
     RunLogger,
     loss_scalars,
@@ -241,13 +246,24 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         trust_remote_code=cfg.teacher.trust_remote_code,
         revision=cfg.teacher.revision,
     )
-    student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed)
-    with torch.random.fork_rng(devices=[]):  # the heads' init: from the seed, not the RNG's state
-        torch.manual_seed(cfg.train.seed + 1)
-        objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
-    _log_sizes(teacher.encoder, student, objective)
     with accelerator.main_process_first():  # one process synthesises a missing corpus
         sources = resolve_sources(cfg.data, cfg.train.seed)
+    plan = None
+    if cfg.student.init == "prune":  # deterministic: a resumed run plans the same student
+        calibration = calibration_batches(
+            cfg.data, sources[0], teacher.feature_extractor, cfg.student.prune_seconds
+        )
+        plan = plan_pruned_student(teacher.encoder, cfg.student, calibration)
+    student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed, plan=plan)
+    with torch.random.fork_rng(devices=[]):  # the heads' init: from the seed, not the RNG's state
+        torch.manual_seed(cfg.train.seed + 1)
+        objective = DistillObjective.for_encoders(
+            cfg.objective,
+            student,
+            teacher.encoder,
+            head_channels=None if plan is None else plan.residual.tolist(),
+        )
+    _log_sizes(teacher.encoder, student, objective)
     target_cache = None
     if cfg.data.target_cache is not None:
         target_cache = open_run_cache(cfg, teacher, objective.teacher_layers, sources[0][0])
