@@ -111,6 +111,7 @@ GRIDS = [
     "sensitivity",
     "shape",
     "steps",
+    "target-layers",
     "targets",
     "vs-compression",
 ]
@@ -193,6 +194,22 @@ def test_quick_overrides_apply_with_quick_only(tmp_path: Path) -> None:
     assert "quick_overrides[0]" in _error(tmp_path, grid)
     grid["cells"][0]["quick_overrides"] = ["data.train_hours=-1"]
     assert "cell 'a' with --quick" in _error(tmp_path, grid)
+
+
+def test_one_target_cache_per_target_kind_and_one_segment_length(tmp_path: Path) -> None:
+    grid = _grid()
+    grid["cells"][1]["overrides"] = ["objective.target=ffn"]
+    loaded = load_grid(_write_grid(tmp_path, grid))
+    layout = make_layout(loaded, quick=False, out=str(tmp_path / "out"), runs=str(tmp_path))
+    caches = {c.name: unit_config(loaded, c, 0, layout, quick=False).data.target_cache
+              for c in loaded.cells}  # fmt: skip
+    grid_runs = tmp_path / loaded.name
+    assert caches["a"] == caches["c"] == str(grid_runs / "target-cache")
+    assert caches["b"] == str(grid_runs / "target-cache-ffn")
+    assert caches["floor"] is None  # never trained
+    grid["cells"][2]["overrides"] = ["data.max_duration=10"]
+    message = _error(tmp_path, grid)
+    assert "cell 'c' sets data.max_duration=10.0 but cell 'a' has" in message
 
 
 def test_references_must_hold_fbank_and_the_teacher(tmp_path: Path) -> None:

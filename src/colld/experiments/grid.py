@@ -28,7 +28,9 @@ grid's cells map to. The cache is keyed by the teacher, the target kind, the lay
 is fine), the front end, the segment length (``data.max_duration``), the training data and the
 augmentation (colld.train.teacher_cache); masking, loss, student shape and seed do not enter
 it, so cells that agree on the teacher, ``objective.target`` and ``data.max_duration`` can share
-it (checked here). Cached training uses fixed segments whole, not random crops: every trained
+it: the runner builds one cache per target kind (RUNS/NAME/target-cache for hidden states,
+target-cache-ffn for feed-forward outputs) and every cached cell must use the same
+``data.max_duration`` (checked here), so all cells train on the same segments. Cached training uses fixed segments whole, not random crops: every trained
 cell of one grid sees the same data either way.
 """
 
@@ -192,9 +194,9 @@ class Layout:
     def run_dir(self, cell: str, seed: int) -> Path:
         return self.runs / cell / f"seed-{seed}"
 
-    @property
-    def target_cache(self) -> Path:
-        return self.runs / "target-cache"
+    def target_cache(self, target: str) -> Path:
+        """The shared teacher-target cache of one target kind (``objective.target``)."""
+        return self.runs / ("target-cache" if target == "hidden" else f"target-cache-{target}")
 
     @property
     def references(self) -> Path:
@@ -442,28 +444,24 @@ def _validate_claims(grid: Grid) -> None:
 
 
 def _check_shared_cache(grid: Grid) -> None:
-    """Cells that read the shared target cache must agree on what keys it (module doc)."""
-    first: tuple[str, dict[str, Any]] | None = None
+    """Cells that read the shared target caches (one per ``objective.target``) must agree on
+    the segment length that keys them all, so that every cell sees the same segments."""
+    first: tuple[str, float | None] | None = None
     for cell in grid.cells:
         cfg = load_config(None, cell_overrides(grid, cell, quick=False))
         if not uses_target_cache(cell, cfg):
             continue
-        keys = {
-            "objective.target": cfg.objective.target,
-            "data.max_duration": cfg.data.max_duration,
-        }
         if first is None:
-            first = (cell.name, keys)
+            first = (cell.name, cfg.data.max_duration)
             continue
-        for key, value in keys.items():
-            _check(
-                value == first[1][key],
-                grid.source,
-                f"cell '{cell.name}' sets {key}={value!r} but cell '{first[0]}' has "
-                f"{first[1][key]!r}: the grid's trained cells share one teacher-target cache, "
-                "keyed by it; give them the same value (or enable augmentation, which runs the "
-                "teacher online)",
-            )
+        _check(
+            cfg.data.max_duration == first[1],
+            grid.source,
+            f"cell '{cell.name}' sets data.max_duration={cfg.data.max_duration!r} but cell "
+            f"'{first[0]}' has {first[1]!r}: the grid's trained cells read teacher-target caches "
+            "cut into segments of that length; give them the same value (or enable "
+            "augmentation, which runs the teacher online)",
+        )
 
 
 # ---------------------------------------------------------------------------- configs
@@ -498,7 +496,7 @@ def unit_config(grid: Grid, cell: Cell, seed: int, layout: Layout, *, quick: boo
     overrides = [*cell_overrides(grid, cell, quick=quick), *runner]
     cfg = load_config(None, overrides)
     if uses_target_cache(cell, cfg):
-        cache = json.dumps(str(layout.target_cache))
+        cache = json.dumps(str(layout.target_cache(cfg.objective.target)))
         cfg = load_config(None, [*overrides, f"data.target_cache={cache}"])
     return cfg
 

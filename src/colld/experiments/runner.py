@@ -114,25 +114,31 @@ def run_unit(unit: Unit, settings: EvalSettings, layout: Layout) -> None:
 
 
 def build_shared_cache(grid: Grid, layout: Layout, *, quick: bool) -> float:
-    """Build (or complete) the grid's teacher-target cache with the union of the teacher layers
-    that every cached cell maps to (all cells, not only ``--cells``: a later run may need
-    theirs). Returns the seconds spent building (0 when it was complete)."""
+    """Build (or complete) the grid's teacher-target caches, one per target kind, each with the
+    union of the teacher layers that its cells map to (all cells, not only ``--cells``: a later
+    run may need theirs). Returns the seconds spent building (0 when all were complete)."""
     from colld.teachers import load_teacher
     from colld.train.teacher_cache import build_cache, cache_teacher_layers
 
     seed = seeds(grid, quick=quick)[0]
     cfgs = [unit_config(grid, cell, seed, layout, quick=quick) for cell in grid.cells]
-    cfgs = [cfg for cfg in cfgs if cfg.data.target_cache is not None]
-    first = cfgs[0]
+    groups: dict[str, list[RunConfig]] = {}
+    for cfg in cfgs:
+        if cfg.data.target_cache is not None:
+            groups.setdefault(cfg.data.target_cache, []).append(cfg)
+    first = next(iter(groups.values()))[0]
     teacher = load_teacher(
         first.teacher.spec,
         trust_remote_code=first.teacher.trust_remote_code,
         revision=first.teacher.revision,
     )
-    layers = sorted({j for cfg in cfgs for j in cache_teacher_layers(cfg, teacher)})
-    summary = build_cache(first, layout.target_cache, teacher=teacher, layers=layers)
-    print("\n".join(summary.lines()), flush=True)
-    return summary.build_seconds if summary.built else 0.0
+    seconds = 0.0
+    for directory, group in groups.items():
+        layers = sorted({j for cfg in group for j in cache_teacher_layers(cfg, teacher)})
+        summary = build_cache(group[0], Path(directory), teacher=teacher, layers=layers)
+        print("\n".join(summary.lines()), flush=True)
+        seconds += summary.build_seconds if summary.built else 0.0
+    return seconds
 
 
 class Timings:
@@ -329,11 +335,16 @@ def _notes(
 ) -> list[str]:
     notes = []
     cached = [u for u in units if u.cached]
+    caches = sorted({str(u.cfg.data.target_cache) for u in cached})
     if cached:
+        where = (
+            f"one shared cache (`{caches[0]}`)"
+            if len(caches) == 1
+            else f"shared caches, one per target kind ({', '.join(f'`{c}`' for c in caches)})"
+        )
         notes.append(
-            f"Trained cells read the teacher's targets from one shared cache "
-            f"(`{cached[0].cfg.data.target_cache}`): fixed {cached[0].cfg.data.max_duration:g} s "
-            "segments used whole, no random crops"
+            f"Trained cells read the teacher's targets from {where}: fixed "
+            f"{cached[0].cfg.data.max_duration:g} s segments used whole, no random crops"
         )
     if cells:
         notes.append(f"Cells run by this command: {', '.join(cells)} (`--cells`)")
