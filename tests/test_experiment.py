@@ -79,6 +79,8 @@ def _grid(**changes: Any) -> dict[str, Any]:
             },
             {"claim": "a beats d", "better": "a", "worse": "d"},
             {"claim": "a beats e", "better": "a", "worse": "e"},
+            {"claim": "floor beats tiny", "better": "floor", "worse": "whisper-tiny.en"},
+            {"claim": "b beats the floor", "better": "b", "worse": "floor"},
         ],
     }
     grid.update(changes)
@@ -323,6 +325,10 @@ def test_table_and_claims_on_known_numbers(tmp_path: Path) -> None:
     assert verdicts["tiny beats the teacher"].verdict == NO_SPREAD
     assert verdicts["a beats d"].verdict == NO_SPREAD
     assert verdicts["a beats e"].verdict == NOT_RUN
+    # A floor's seeds agree (it is the teacher's weights): against a reference nothing measures
+    # noise, however small the difference; against a trained cell its 0 counts like a reference's.
+    assert verdicts["floor beats tiny"].verdict == NO_SPREAD
+    assert verdicts["b beats the floor"].verdict in (HOLDS, FAILS)
 
     layout = Layout(name="grid", runs=tmp_path / "runs", out=tmp_path / "out")
     info = PageInfo(

@@ -12,7 +12,8 @@ distillation seed).
 Claims (``VERDICT_RULE``): difference = score(better) - score(worse), combined std =
 sqrt(std_better^2 + std_worse^2); "holds" when difference > 2 x combined std, "fails" when
 difference < -2 x combined std, "within seed spread" otherwise. "no seed spread" when a trained
-side has one seed or both sides are references; "not run" when a side has no result.
+side has one seed or neither side is a trained cell (references and untrained floors are
+deterministic: their std over seeds measures no noise); "not run" when a side has no result.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ VERDICT_RULE = (
     f"std_worse²) over distillation seeds (sample std; a reference, evaluated once, counts 0). "
     f"**{HOLDS}** if difference > {RULE_SIGMAS:g} x combined std, **{FAILS}** if difference < "
     f"-{RULE_SIGMAS:g} x combined std, **{WITHIN}** otherwise; **{NO_SPREAD}** when a trained "
-    f"side has a single seed (or both sides are references)."
+    f"side has a single seed or neither side is trained (references and untrained floors are "
+    f"deterministic: no spread to compare with)."
 )
 CLAIMS_BEGIN = "<!-- claims: filled by `colld experiment` from the grid's `claims`; do not edit -->"
 CLAIMS_END = "<!-- end of claims -->"
@@ -257,7 +259,7 @@ def judge(claim: Claim, better: Row | None, worse: Row | None) -> Verdict:
         else better.dev_score.mean - worse.dev_score.mean
     )
     stds = (better.claim_std, worse.claim_std)
-    if None in stds or better.kind == worse.kind == "reference":
+    if None in stds or "cell" not in (better.kind, worse.kind):
         return Verdict(claim, difference, None, NO_SPREAD, dev_difference)
     combined = math.hypot(*stds)
     if difference > RULE_SIGMAS * combined:
