@@ -17,7 +17,14 @@ from colld.data.batch import Batch
 from colld.encoders import wrap_encoder
 from colld.encoders.base import SpeechEncoder
 from colld.objectives.heads import PredictionHeads
-from colld.students.build import StudentSpec, build_student, plan_pruned_student
+from colld.objectives.objective import ObjectiveConfig
+from colld.students.build import (
+    StudentSpec,
+    build_student,
+    plan_pruned_student,
+    resolve_source_map,
+    source_layers,
+)
 from colld.students.export import export_student
 from colld.students.prune import PrunePlan, measure_importance, plan_pruning
 
@@ -94,6 +101,12 @@ def test_dead_heads_neurons_and_layers_are_pruned_and_the_output_is_unchanged() 
     expected, got = states(teacher), states(student)
     for student_layer, teacher_layer in [(0, 0), (1, 1), (2, 3), (3, 4)]:
         torch.testing.assert_close(got[student_layer], expected[teacher_layer], atol=1e-5, rtol=0)
+    # layer_map "source": each student layer predicts the teacher layer it was cut from.
+    spec = StudentSpec(init="prune", num_layers=3)
+    assert source_layers(teacher, spec, plan) == [1, 3, 4]
+    source = resolve_source_map(ObjectiveConfig(layer_map="source"), teacher, spec, plan)
+    assert source.layer_map == [1, 3, 4]
+    assert source.validate(3, 4) == [(1, 1), (2, 3), (3, 4)]
     importance = measure_importance(teacher, calibration(), num_heads=TEACHER_HEADS)
     three_heads = plan_pruning(
         importance, num_layers=3, hidden_dim=48, num_heads=3, ffn_dim=64, head_dim=HEAD_DIM
@@ -177,3 +190,22 @@ def test_prune_errors() -> None:
         plan_pruned_student(wav2vec2, StudentSpec(init="prune"), [])
     with pytest.raises(ValueError, match="prune_seconds=0"):
         StudentSpec(init="prune", prune_seconds=0)
+
+
+def test_source_layer_map_follows_the_init() -> None:
+    """init=teacher copies uniform-map layers, so "source" is the uniform map; init=random
+    copies none; an unresolved "source" and other strings are refused by name."""
+    teacher = tiny_teacher("whisper")
+    assert source_layers(teacher, StudentSpec(num_layers=2)) == [2, 4]
+    unchanged = ObjectiveConfig(layer_map=[1, 1])
+    assert resolve_source_map(unchanged, teacher, StudentSpec(num_layers=2)) is unchanged
+    with pytest.raises(ValueError, match="student.init='random' copies no teacher layer"):
+        source_layers(teacher, StudentSpec(init="random"))
+    with pytest.raises(ValueError, match="init=prune needs the pruning plan"):
+        source_layers(teacher, StudentSpec(init="prune"))
+    with pytest.raises(ValueError, match="'source' is resolved from the student's init"):
+        ObjectiveConfig(layer_map="source").validate(2, 4)
+    with pytest.raises(ValueError, match="layer_map = 'uniform': expected a list"):
+        ObjectiveConfig(layer_map="uniform").validate_static()
+    with pytest.raises(ValueError, match="needs objective.mode = 'layer-to-layer'"):
+        ObjectiveConfig(layer_map="source", mode="prediction-heads").validate_static()

@@ -86,15 +86,21 @@ def test_pruned_student_distills_and_resumes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """student.init=prune through the CLI: the plan is measured on training audio before the
-    student exists, the heads start on the kept channels, and a resumed run plans the same."""
+    student exists, the heads start on the kept channels, each student layer is trained on the
+    teacher layer it was cut from (layer_map=source), and a resumed run plans the same."""
     caplog.set_level(logging.INFO, logger="colld")
-    extra = ("student.init=prune", "student.prune_seconds=4")
+    extra = ("student.init=prune", "student.prune_seconds=4", "objective.layer_map=source")
     run_dir = _run(tmp_path, "whisper", *extra)
     plans = [r.getMessage() for r in caplog.records if "init='prune': teacher" in r.getMessage()]
     assert len(plans) == 1 and "keeps teacher layers" in plans[0]
+    kept = yaml.safe_load(plans[0].split("keeps teacher layers ")[1].split("]")[0] + "]")
     assert "calibration audio: " in caplog.text
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["student"]["init"] == "prune" and config["objective"]["head_init"] == "select"
+    assert config["objective"]["layer_map"] == "source"  # as asked: a resume compares this
+    provenance = json.loads((run_dir / "student" / "colld.json").read_text())
+    assert provenance["objective"]["layer_map"] == kept  # the export records the resolved map
+    assert provenance["pairs"] == [[i + 1, j] for i, j in enumerate(kept)]
     caplog.clear()
     assert main(_args(tmp_path, "whisper", "train.max_steps=6", *extra)) == 0
     again = [r.getMessage() for r in caplog.records if "init='prune': teacher" in r.getMessage()]

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 
 LAYER_MAP_MODES = ("layer-to-layer", "prediction-heads")
 DEFAULT_PREDICTION_TARGETS = 3
+SOURCE_MAP = "source"
+"""layer_map value: each student layer's target is the teacher layer its weights were copied
+from (``colld.students.build.source_layers``); the recipe turns it into a list before the
+objective is built, because it depends on the student's initialisation."""
 
 
 def pair_name(pair: tuple[int, int]) -> str:
@@ -59,7 +63,7 @@ def _check_teacher_layers(
 
 
 def resolve_layer_map(
-    spec: Sequence[int] | None, num_student: int, num_teacher: int, mode: str
+    spec: Sequence[int] | str | None, num_student: int, num_teacher: int, mode: str
 ) -> list[tuple[int, int]]:
     """Resolve a layer-map spec into (student_layer, teacher_layer) pairs.
 
@@ -71,6 +75,12 @@ def resolve_layer_map(
     if num_student < 1 or num_teacher < 1:
         raise ValueError(
             f"layer counts must be >= 1, got num_student={num_student}, num_teacher={num_teacher}"
+        )
+    if isinstance(spec, str):
+        raise ValueError(
+            f"layer_map = {spec!r} is not a list of teacher layers; {SOURCE_MAP!r} is resolved "
+            "from the student's initialisation (colld.students.build.source_layers) before the "
+            "objective is built"
         )
     if mode == "layer-to-layer":
         if spec is None:

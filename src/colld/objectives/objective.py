@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from colld.encoders.base import EncoderOutput, SpeechEncoder
 from colld.objectives.heads import HEAD_INITS, PredictionHeads
-from colld.objectives.layer_map import LAYER_MAP_MODES, pair_name, resolve_layer_map
+from colld.objectives.layer_map import (
+    LAYER_MAP_MODES,
+    SOURCE_MAP,
+    pair_name,
+    resolve_layer_map,
+)
 from colld.objectives.losses import PairLoss, contrastive_losses, l1cos_loss, mse_loss
 from colld.objectives.masking import span_mask, valid_frames
 from colld.objectives.normalize import TARGET_NORMS, TargetNormalizer, masked_moments
@@ -55,9 +60,12 @@ class ObjectiveConfig:
     """"layer-to-layer": student layer i predicts teacher layer m(i); "prediction-heads"
     (DistilHuBERT): the last student layer predicts several teacher layers, one head each."""
 
-    layer_map: list[int] | None = None
+    layer_map: list[int] | str | None = None
     """Teacher layers (1..L_T). layer-to-layer: one per student layer (None = uniform
-    ceil(i * L_T / L_S)); prediction-heads: the targets (None = min(3, L_T) spread, ending at L_T)."""
+    ceil(i * L_T / L_S)); prediction-heads: the targets (None = min(3, L_T) spread, ending at L_T).
+    "source" (layer-to-layer, student.init teacher or prune): each student layer predicts the
+    teacher layer it was copied from (for a depth-pruned student, the kept layers; for
+    init=teacher the same as the uniform map). The run records the list it resolved to."""
 
     target: str = "hidden"
     """"hidden": the teacher layer's hidden state; "ffn": its feed-forward output before the
@@ -151,6 +159,18 @@ class ObjectiveConfig:
             _check_number(name, getattr(self, name), int)
         if not isinstance(self.mask, bool):
             raise ValueError(f"objective.mask = {self.mask!r} must be a bool (true/false)")
+        if isinstance(self.layer_map, str):
+            if self.layer_map != SOURCE_MAP:
+                raise ValueError(
+                    f"objective.layer_map = {self.layer_map!r}: expected a list of teacher "
+                    f"layers, null (uniform) or {SOURCE_MAP!r}"
+                )
+            if self.mode != "layer-to-layer":
+                raise ValueError(
+                    f"objective.layer_map = {SOURCE_MAP!r} needs objective.mode = "
+                    f"'layer-to-layer' (one student layer per copied teacher layer), found "
+                    f"{self.mode!r}"
+                )
         if self.tau <= 0:
             raise ValueError(f"objective.tau = {self.tau} must be > 0")
         if self.num_negatives < 1:

@@ -68,7 +68,8 @@ from torch import nn
 from colld.data.batch import Batch
 from colld.encoders import wrap_encoder
 from colld.encoders.base import SpeechEncoder
-from colld.objectives.layer_map import uniform_layer_map
+from colld.objectives.layer_map import SOURCE_MAP, uniform_layer_map
+from colld.objectives.objective import ObjectiveConfig
 from colld.students.prune import (
     PrunePlan,
     copy_pruned_weights,
@@ -288,6 +289,44 @@ def build_student(
         student_count, teacher_count, teacher_count / student_count,
     )  # fmt: skip
     return student
+
+
+def source_layers(
+    teacher: SpeechEncoder, spec: StudentSpec, plan: PrunePlan | None = None
+) -> list[int]:
+    """The teacher layer (1..L_T) each student layer's weights are copied from, in student
+    layer order: the uniform map for ``init="teacher"``, the plan's kept layers for
+    ``init="prune"`` (``plan`` required). ``objective.layer_map="source"`` trains on these.
+
+    Raises ValueError for ``init="random"`` (no layer is copied) or a prune spec without a plan.
+    """
+    if spec.init == "prune":
+        if plan is None:
+            raise ValueError(
+                "objective.layer_map=source with student.init=prune needs the pruning plan "
+                "(plan_pruned_student): the kept teacher layers are measured on training audio"
+            )
+        return [layer + 1 for layer in plan.layers]
+    if spec.init == "teacher":
+        sizes = resolve_student_sizes(teacher, spec)
+        return uniform_layer_map(sizes.num_layers, teacher.num_layers)
+    raise ValueError(
+        f"objective.layer_map=source needs student.init=teacher or prune (the layers the "
+        f"student is copied from); student.init={spec.init!r} copies no teacher layer"
+    )
+
+
+def resolve_source_map(
+    objective: ObjectiveConfig,
+    teacher: SpeechEncoder,
+    spec: StudentSpec,
+    plan: PrunePlan | None = None,
+) -> ObjectiveConfig:
+    """``objective`` with ``layer_map="source"`` replaced by ``source_layers``; other values
+    are returned unchanged."""
+    if objective.layer_map != SOURCE_MAP:
+        return objective
+    return replace(objective, layer_map=source_layers(teacher, spec, plan))
 
 
 def student_config(teacher_config: Any, sizes: StudentSizes) -> Any:

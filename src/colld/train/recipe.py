@@ -36,7 +36,12 @@ from colld.data.batch import Batch
 from colld.encoders.base import SpeechEncoder
 from colld.errors import RunStoppedError
 from colld.objectives.objective import DistillObjective, LossOutput
-from colld.students.build import build_student, count_encoder_parameters, plan_pruned_student
+from colld.students.build import (
+    build_student,
+    count_encoder_parameters,
+    plan_pruned_student,
+    resolve_source_map,
+)
 from colld.students.export import export_student
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.checkpoint import (
@@ -255,10 +260,12 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         )
         plan = plan_pruned_student(teacher.encoder, cfg.student, calibration)
     student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed, plan=plan)
+    # layer_map "source" -> a list; the export records the objective as resolved
+    objective_cfg = resolve_source_map(cfg.objective, teacher.encoder, cfg.student, plan)
     with torch.random.fork_rng(devices=[]):  # the heads' init: from the seed, not the RNG's state
         torch.manual_seed(cfg.train.seed + 1)
         objective = DistillObjective.for_encoders(
-            cfg.objective,
+            objective_cfg,
             student,
             teacher.encoder,
             head_channels=None if plan is None else plan.residual.tolist(),
@@ -681,7 +688,7 @@ def provenance(run: Run, student: SpeechEncoder, objective: DistillObjective) ->
             "fingerprint": run.teacher.fingerprint,
             "parameters": count_encoder_parameters(run.teacher.encoder),
         },
-        "objective": to_dict(run.cfg.objective),
+        "objective": to_dict(objective.config),  # as resolved (layer_map "source" -> list)
         "pairs": [list(pair) for pair in objective.pairs],
         "student_dim": student.hidden_dim,
         "num_student_layers": student.num_layers,
