@@ -15,6 +15,7 @@ memory: the process' peak resident set (Linux VmHWM, reset before each configura
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -27,7 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from colld.data.batch import Batch, pad_features
 from colld.objectives.objective import DistillObjective, ObjectiveConfig
-from colld.students.build import StudentSpec, build_student, count_encoder_parameters
+from colld.students.build import (
+    StudentSpec,
+    build_student,
+    count_encoder_parameters,
+    resolve_student_sizes,
+)
 from colld.teachers import load_teacher
 from colld.train.step import teacher_targets
 
@@ -94,7 +100,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024) -> f
 
 
 def run_config(teacher, batch: Batch, loss: str, precision: str, args, device) -> dict:
-    spec = StudentSpec()
+    # The default student's sizes; its weights do not change the step's cost, so weight
+    # selection stands in for the default's pruning (which needs calibration audio).
+    sizes = resolve_student_sizes(teacher, StudentSpec())
+    spec = StudentSpec(init="teacher", **dataclasses.asdict(sizes))
     student = build_student(teacher, spec, seed=0).to(device).train()
     objective = DistillObjective.for_encoders(ObjectiveConfig(loss=loss), student, teacher).to(
         device

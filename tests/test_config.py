@@ -48,7 +48,7 @@ def test_head_init_auto_follows_student_init(overrides: list[str], head_init: st
 
 
 def test_default_student_starts_from_the_teacher() -> None:
-    assert load_config().student.init == "teacher"
+    assert load_config().student.init == "auto"  # prune where it can, else weight selection
     assert RunConfig().objective.head_init == "auto"  # resolved only by load_config / setup
 
 

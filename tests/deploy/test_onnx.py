@@ -40,7 +40,9 @@ def tones(*seconds: float) -> list[np.ndarray]:
 def whisper_student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Whisper student exported as colld does it (4-layer teacher -> 2-layer student)."""
     teacher = wrap_hf_teacher(tiny_model("whisper", num_layers=4, hidden=32, heads=2, ffn=64))
-    student = build_student(teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16), seed=0)
+    student = build_student(
+        teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16, init="teacher"), seed=0
+    )
     out = tmp_path_factory.mktemp("student") / "student"
     return export_student(student.eval(), teacher.feature_extractor, out, metadata={})
 

@@ -54,7 +54,9 @@ def tones(*num_samples: int) -> list[torch.Tensor]:
 
 def _student_dir(family: str, out: Path) -> Path:
     teacher = wrap_hf_teacher(tiny_model(family, num_layers=4, hidden=32, heads=2, ffn=64))
-    student = build_student(teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16), seed=0)
+    student = build_student(
+        teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16, init="teacher"), seed=0
+    )
     return export_student(student.eval(), teacher.feature_extractor, out, metadata={})
 
 

@@ -150,7 +150,7 @@ def test_card_without_evaluation_or_known_licence(tmp_path: Path) -> None:
 def _export_tiny(out_dir: Path, metadata: dict[str, Any] | None) -> Path:
     sizes = dict(num_layers=2, hidden=32, heads=2, ffn=64, num_mel_bins=16)
     teacher = wrap_hf_teacher(tiny_model("whisper", **sizes, max_source_positions=64)).encoder
-    student = build_student(teacher, StudentSpec(), seed=0)
+    student = build_student(teacher, StudentSpec(init="teacher"), seed=0)
     return export_student(
         student, WhisperFeatureExtractor(feature_size=16), out_dir, metadata=metadata
     )

@@ -22,6 +22,7 @@ from colld.students.build import (
     StudentSpec,
     build_student,
     plan_pruned_student,
+    resolve_init,
     resolve_source_map,
     source_layers,
 )
@@ -194,11 +195,13 @@ def test_prune_errors() -> None:
 
 def test_source_layer_map_follows_the_init() -> None:
     """init=teacher copies uniform-map layers, so "source" is the uniform map; init=random
-    copies none; an unresolved "source" and other strings are refused by name."""
+    copies none; an unresolved "source" and other strings are refused by name. init=auto
+    prunes where whole heads fit, else selects."""
     teacher = tiny_teacher("whisper")
-    assert source_layers(teacher, StudentSpec(num_layers=2)) == [2, 4]
+    selected = StudentSpec(num_layers=2, init="teacher")
+    assert source_layers(teacher, selected) == [2, 4]
     unchanged = ObjectiveConfig(layer_map=[1, 1])
-    assert resolve_source_map(unchanged, teacher, StudentSpec(num_layers=2)) is unchanged
+    assert resolve_source_map(unchanged, teacher, selected) is unchanged
     with pytest.raises(ValueError, match="student.init='random' copies no teacher layer"):
         source_layers(teacher, StudentSpec(init="random"))
     with pytest.raises(ValueError, match="init=prune needs the pruning plan"):
@@ -209,3 +212,9 @@ def test_source_layer_map_follows_the_init() -> None:
         ObjectiveConfig(layer_map="uniform").validate_static()
     with pytest.raises(ValueError, match="needs objective.mode = 'layer-to-layer'"):
         ObjectiveConfig(layer_map="source", mode="prediction-heads").validate_static()
+    assert resolve_init(teacher, StudentSpec(num_layers=2)).init == "prune"  # heads of 16
+    halves = StudentSpec(num_layers=2, hidden_dim=32, num_heads=4)  # heads of 8: cannot prune
+    assert resolve_init(teacher, halves).init == "teacher"
+    assert resolve_init(tiny_teacher("wav2vec2"), StudentSpec()).init == "teacher"
+    with pytest.raises(ValueError, match=r"init=auto \(prune for this teacher\) needs a pruning"):
+        build_student(teacher, StudentSpec(), seed=0)

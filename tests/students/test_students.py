@@ -37,6 +37,7 @@ from colld.students.build import (
     StudentSpec,
     build_student,
     count_encoder_parameters,
+    resolve_init,
     resolve_student_sizes,
     student_config,
     teacher_sizes,
@@ -116,7 +117,7 @@ def assert_same_states(a: SpeechEncoder, b: SpeechEncoder, **kwargs) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_train_export_reload(family: str, tmp_path: Path) -> None:
     teacher = tiny_teacher(family)
-    student = build_student(teacher, StudentSpec(), seed=0)
+    student = build_student(teacher, StudentSpec(init="teacher"), seed=0)
     assert type(student) is type(teacher) and type(student.model) is type(teacher.model)
     assert student.num_layers == TEACHER_LAYERS and student.hidden_dim < TEACHER_WIDTH
     assert student.training and student.model.training
@@ -170,7 +171,7 @@ def test_build_train_export_reload(family: str, tmp_path: Path) -> None:
 
 def test_export_replaces_existing_dir_and_rejects_bad_names(tmp_path: Path) -> None:
     teacher = tiny_teacher("hubert")
-    student = build_student(teacher, StudentSpec(), seed=0)
+    student = build_student(teacher, StudentSpec(init="teacher"), seed=0)
     extractor = Wav2Vec2FeatureExtractor()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -193,7 +194,7 @@ def test_export_replaces_existing_dir_and_rejects_bad_names(tmp_path: Path) -> N
 
 def test_student_can_be_loaded_as_teacher(tmp_path: Path) -> None:
     for family in ("whisper", "wav2vec2-bert"):
-        student = build_student(tiny_teacher(family), StudentSpec(), seed=1).eval()
+        student = build_student(tiny_teacher(family), StudentSpec(init="teacher"), seed=1).eval()
         extractor = (
             WhisperFeatureExtractor(feature_size=16)
             if family == "whisper"
@@ -254,8 +255,16 @@ def test_whisper_base_sizes_and_counting_rule() -> None:
     # 20.6M with the 1500 x 512 sinusoidal table, which is not trained and not counted.
     assert sum(p.numel() for p in teacher.model.parameters()) == 20_590_592
     assert count_encoder_parameters(teacher) == 20_590_592 - 1500 * 512
-    deep = resolve_student_sizes(teacher, StudentSpec())
+    deep = resolve_student_sizes(teacher, StudentSpec(init="teacher"))
     assert (deep.num_layers, deep.hidden_dim, deep.num_heads, deep.ffn_dim) == (6, 288, 4, 1152)
+    # The default init=auto prunes Whisper: whole heads of 64, the FFN solved to the same count.
+    pruned = resolve_student_sizes(teacher, StudentSpec())
+    assert (pruned.num_layers, pruned.hidden_dim, pruned.num_heads, pruned.ffn_dim) == (
+        6, 256, 4, 1448,
+    )  # fmt: skip
+    assert abs(_meta_count(teacher, pruned) / _meta_count(teacher, deep) - 1) < 0.002
+    assert resolve_init(teacher, StudentSpec()).init == "prune"
+    assert resolve_student_sizes(teacher, StudentSpec(compression=5.0)).num_heads == 3
     wide = resolve_student_sizes(teacher, StudentSpec(preset="shallow-wide"))
     assert (wide.num_layers, wide.hidden_dim, wide.num_heads) == (2, 512, 8)
     assert wide.ffn_dim < 2048
@@ -288,7 +297,7 @@ def test_student_config_disables_hf_randomness_and_adapters() -> None:
         ).last_hidden_state
     assert out.hidden_states[TEACHER_LAYERS].shape[1] == 30
     torch.testing.assert_close(out.hidden_states[TEACHER_LAYERS], expected)
-    student = build_student(teacher, StudentSpec(), seed=0)
+    student = build_student(teacher, StudentSpec(init="teacher"), seed=0)
     config = student.model.config
     assert config.layerdrop == 0.0 and config.mask_feature_prob == 0.0
     assert config.mask_time_prob > 0 and student.model.masked_spec_embed is not None
@@ -517,7 +526,7 @@ def test_default_students_of_embedded_whisper_base() -> None:
     assert teacher_count == 19_822_592
     counts = {}
     for preset in ("deep-narrow", "shallow-wide"):
-        student = build_student(teacher, StudentSpec(preset=preset), seed=0)
+        student = build_student(teacher, StudentSpec(preset=preset, init="teacher"), seed=0)
         counts[preset] = count_encoder_parameters(student)
         features = torch.randn(2, 200, 80)
         out = student(features, torch.tensor([200, 150]), mask=span_mask(student, features))

@@ -89,16 +89,23 @@ def test_pruned_student_distills_and_resumes(
     student exists, the heads start on the kept channels, each student layer is trained on the
     teacher layer it was cut from (layer_map=source), and a resumed run plans the same."""
     caplog.set_level(logging.INFO, logger="colld")
-    extra = ("student.init=prune", "student.prune_seconds=4", "objective.layer_map=source")
+    # init=auto prunes a Whisper teacher where the student keeps whole heads (here 8 dims)
+    extra = ("student.init=auto", "student.prune_seconds=4", "objective.layer_map=source")
     run_dir = _run(tmp_path, "whisper", *extra)
     plans = [r.getMessage() for r in caplog.records if "init='prune': teacher" in r.getMessage()]
     assert len(plans) == 1 and "keeps teacher layers" in plans[0]
     kept = yaml.safe_load(plans[0].split("keeps teacher layers ")[1].split("]")[0] + "]")
     assert "calibration audio: " in caplog.text
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["student"]["init"] == "prune" and config["objective"]["head_init"] == "select"
+    assert config["student"]["init"] == "auto" and config["objective"]["head_init"] == "select"
     assert config["objective"]["layer_map"] == "source"  # as asked: a resume compares this
     provenance = json.loads((run_dir / "student" / "colld.json").read_text())
+    assert provenance["student_init"] == {"init": "prune", "from_layers": kept}
+    card = (run_dir / "student" / "README.md").read_text()
+    assert (
+        f"Initialisation: structured pruning of the teacher by activation importance, from teacher layers {kept}"
+        in card
+    )
     assert provenance["objective"]["layer_map"] == kept  # the export records the resolved map
     assert provenance["pairs"] == [[i + 1, j] for i, j in enumerate(kept)]
     caplog.clear()

@@ -244,7 +244,7 @@ def test_partial_cache_is_refused_then_completed(assets, tmp_path: Path, monkeyp
 
 # ---------------------------------------------------------------- training
 def test_cached_step_gives_the_online_loss(assets, tmp_path: Path) -> None:
-    cfg = _config(assets, tmp_path)
+    cfg = _config(assets, tmp_path, "student.init=teacher")  # built here without a prune plan
     build_cache(cfg, tmp_path / "cache", progress=False)
     cache = open_cache(tmp_path / "cache")
     teacher = load_teacher(str(assets["teacher"]))

@@ -212,14 +212,15 @@ class ObjectiveConfig:
 
 def resolve_head_init(config: ObjectiveConfig, student_init: str) -> ObjectiveConfig:
     """``head_init="auto"`` made concrete: "select" where the student starts as a selection of
-    the teacher's weights (``student_init`` "teacher" or "prune") and the heads are single
+    the teacher's weights (``student_init`` "auto", "teacher" or "prune") and the heads are single
     Linears, so
     student and heads start aligned with the targets; "random" otherwise. Measured: with
     teacher-initialised students, random heads made training worse than the untrained student
     (docs/results/demo.md, "Follow-up"). Other values are returned unchanged."""
     if config.head_init != "auto":
         return config
-    aligned = student_init in ("teacher", "prune") and config.head_hidden_dim is None
+    # "auto" resolves to "prune" or "teacher" once the teacher is known: aligned either way.
+    aligned = student_init in ("auto", "teacher", "prune") and config.head_hidden_dim is None
     return dataclasses.replace(config, head_init="select" if aligned else "random")
 
 

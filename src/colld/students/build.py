@@ -30,7 +30,12 @@ anything HF runs after the encoder (w2v-BERT's ``adapter`` / ``intermediate_ffn`
 Initialisation (one policy for every shape, so comparing shapes does not compare inits):
     "random": HF's own ``_init_weights`` for that class, under
         ``torch.manual_seed(seed)`` (the global RNG is left as it was).
-    "teacher" (default): the random init, then the front end (convs, feature projection, positional
+    "auto" (default): "prune" where the family has a pruning layout (Whisper) and the
+        student's shape keeps whole teacher heads (always so for the presets), else "teacher"
+        (``resolve_init``). Why: docs/results/vs-compression.md — at the same size and CoLLD
+        budget, the importance-pruned start scored 464 +- 5 against 142 +- 2 for weight
+        selection.
+    "teacher": the random init, then the front end (convs, feature projection, positional
         conv / table, HF's ``masked_spec_embed``; Whisper's mask embedding is colld's own and
         stays random), the final layer norm and teacher layer m(i) = ceil(i * L_T / L_S) for
         student layer i (every k-th layer for k = L_T / L_S) are copied. Where the student is narrower (width, FFN), every tensor keeps the first
@@ -43,8 +48,10 @@ Initialisation (one policy for every shape, so comparing shapes does not compare
     "prune": structured pruning of the teacher by activation importance (Whisper encoders;
         ``colld.students.prune``): the top residual channels, whole heads, FFN neurons and
         layers, measured on ``prune_seconds`` of training audio. The student's head size must
-        be the teacher's, e.g. Whisper base -> 6 x 256 with 4 heads; with the shallow-wide
-        preset and explicit layers/width/heads the FFN is solved to the parameter budget.
+        be the teacher's: the deep-narrow preset then takes the whole-head width whose student
+        (teacher FFN ratio) is nearest the budget and solves the FFN to the default student's
+        exact count, e.g. Whisper base -> 6 x 256 with 4 heads of 64 and FFN 1448 (6.31M, the
+        size of the 6 x 288 weight-selected student); shallow-wide keeps every head.
 
 LayerDrop is set to 0 (layer-to-layer distillation needs every layer), HF's own random
 SpecAugment is disabled (``mask_feature_prob = 0``, ``mask_time_prob > 0`` only so that
@@ -72,6 +79,7 @@ from colld.objectives.layer_map import SOURCE_MAP, uniform_layer_map
 from colld.objectives.objective import ObjectiveConfig
 from colld.students.prune import (
     PrunePlan,
+    can_prune,
     copy_pruned_weights,
     measure_importance,
     plan_pruning,
@@ -80,7 +88,7 @@ from colld.students.prune import (
 logger = logging.getLogger(__name__)
 
 PRESETS = ("deep-narrow", "shallow-wide")
-INITS = ("random", "teacher", "prune")
+INITS = ("auto", "random", "teacher", "prune")
 SHALLOW_WIDE_LAYERS = 2
 # Every head size is a multiple of this (fast attention kernels want it).
 HEAD_DIM_MULTIPLE = 8
@@ -130,10 +138,12 @@ class StudentSpec:
     preset: "deep-narrow" (teacher's depth, narrower) or "shallow-wide" (teacher's width,
         2 layers, narrower FFN) at the same parameter count.
     num_layers, hidden_dim, num_heads, ffn_dim: explicit sizes; override the preset.
-    init: "teacher" (default: front end and every k-th layer from the teacher, narrower axes
-        keep their first n entries), "random" (HF init under the seed) or "prune" (the
-        teacher's most important channels, heads, neurons and layers; Whisper encoders). The
-        default was chosen by measurement: docs/results/demo.md, "Follow-up".
+    init: "auto" (default: "prune" where possible, else "teacher"; ``resolve_init``),
+        "teacher" (front end and every k-th layer from the teacher, narrower axes keep their
+        first n entries), "random" (HF init under the seed) or "prune" (the teacher's most
+        important channels, heads, neurons and layers; Whisper encoders). Chosen by
+        measurement: docs/results/demo.md ("Follow-up": teacher over random) and
+        docs/results/vs-compression.md (prune over teacher).
     compression: teacher parameters / student parameters the presets aim at.
     prune_seconds: seconds of training audio (in manifest order) the teacher's activations
         are measured on for ``init="prune"``.
@@ -144,7 +154,7 @@ class StudentSpec:
     hidden_dim: int | None = None
     num_heads: int | None = None
     ffn_dim: int | None = None
-    init: str = "teacher"
+    init: str = "auto"
     compression: float = 3.3
     prune_seconds: float = 300.0
 
@@ -197,8 +207,29 @@ def teacher_sizes(teacher: SpeechEncoder) -> StudentSizes:
     )
 
 
+def resolve_init(teacher: SpeechEncoder, spec: StudentSpec) -> StudentSpec:
+    """``spec`` with ``init="auto"`` made concrete: "prune" where ``teacher``'s family has a
+    pruning layout and the student's sizes keep whole teacher heads (the presets always do;
+    explicit sizes may not), else "teacher". Other values are returned unchanged."""
+    if spec.init != "auto":
+        return spec
+    if can_prune(teacher):
+        pruned = replace(spec, init="prune")
+        sizes, full = resolve_student_sizes(teacher, pruned), teacher_sizes(teacher)
+        head_dim = full.hidden_dim // full.num_heads
+        if sizes.hidden_dim == sizes.num_heads * head_dim:
+            return pruned
+        logger.info(
+            "student.init=auto: %d heads over width %d cannot keep the teacher's whole heads "
+            "of %d dims; weight selection (init=teacher) instead of pruning",
+            sizes.num_heads, sizes.hidden_dim, head_dim,
+        )  # fmt: skip
+    return replace(spec, init="teacher")
+
+
 def resolve_student_sizes(teacher: SpeechEncoder, spec: StudentSpec) -> StudentSizes:
     """Apply the preset and the explicit fields of ``spec``; validates the result."""
+    spec = resolve_init(teacher, spec)
     config = teacher.model.config
     cls = type(teacher.model)
     full = teacher_sizes(teacher)
@@ -218,7 +249,9 @@ def resolve_student_sizes(teacher: SpeechEncoder, spec: StudentSpec) -> StudentS
     deep_narrow = _solve_deep_narrow(
         full, spec if spec.preset == "deep-narrow" else StudentSpec(), config, budget, count
     )
-    if spec.preset == "deep-narrow":
+    if spec.preset == "deep-narrow" and spec.init == "prune" and spec.hidden_dim is None:
+        sizes = _solve_whole_heads(full, spec, deep_narrow, count)
+    elif spec.preset == "deep-narrow":
         sizes = deep_narrow
     else:
         sizes = _solve_shallow_wide(full, spec, count(deep_narrow), count)
@@ -231,6 +264,9 @@ def plan_pruned_student(
 ) -> PrunePlan:
     """What ``init="prune"`` keeps of ``teacher`` for the student ``spec`` describes, from the
     teacher's activations on ``calibration`` (batches of training audio)."""
+    spec = resolve_init(teacher, spec)
+    if spec.init != "prune":
+        raise ValueError(f"plan_pruned_student: student.init={spec.init!r}, not prune")
     sizes = resolve_student_sizes(teacher, spec)
     full = teacher_sizes(teacher)
     importance = measure_importance(teacher, calibration, num_heads=full.num_heads)
@@ -259,10 +295,12 @@ def build_student(
     plan: for ``init="prune"`` (required there): ``plan_pruned_student``'s result.
     Returned in train mode, wrapped like the teacher (``colld.encoders.wrap_encoder``).
     """
+    asked, spec = spec.init, resolve_init(teacher, spec)
     if spec.init == "prune" and plan is None:
         raise ValueError(
-            "student.init=prune needs a pruning plan: plan_pruned_student(teacher, spec, "
-            "calibration batches) measures the teacher on training audio"
+            f"student.init={asked} {'(prune for this teacher) ' if asked == 'auto' else ''}"
+            "needs a pruning plan: plan_pruned_student(teacher, spec, calibration batches) "
+            "measures the teacher on training audio; or ask for init='teacher'"
         )
     sizes = resolve_student_sizes(teacher, spec)
     config = student_config(teacher.model.config, sizes)
@@ -300,6 +338,7 @@ def source_layers(
 
     Raises ValueError for ``init="random"`` (no layer is copied) or a prune spec without a plan.
     """
+    spec = resolve_init(teacher, spec)
     if spec.init == "prune":
         if plan is None:
             raise ValueError(
@@ -486,6 +525,30 @@ def _solve_deep_narrow(
     nearby = {candidates[low], candidates[max(low - 1, 0)]}
     best = min(nearby, key=lambda width: abs(count(sizes_for(width)) - budget))
     return sizes_for(best)
+
+
+def _solve_whole_heads(
+    teacher: StudentSizes,
+    spec: StudentSpec,
+    deep_narrow: StudentSizes,
+    count: Callable[[StudentSizes], int],
+) -> StudentSizes:
+    """The deep-narrow student for ``init="prune"``, which keeps whole teacher heads: the width
+    (a multiple of the teacher's head size) whose student with the teacher's FFN ratio is
+    nearest ``deep_narrow``'s count, its FFN then solved to that exact count."""
+    head_dim = teacher.hidden_dim // teacher.num_heads
+    budget = count(deep_narrow)
+
+    def with_default_ffn(heads: int) -> StudentSizes:
+        width = heads * head_dim
+        return replace(deep_narrow, hidden_dim=width, num_heads=heads,
+                       ffn_dim=spec.ffn_dim or _default_ffn(width, teacher))  # fmt: skip
+
+    choices = [spec.num_heads] if spec.num_heads else range(1, teacher.num_heads + 1)
+    heads = min(choices, key=lambda h: abs(count(with_default_ffn(h)) - budget))
+    fixed = replace(spec, num_layers=deep_narrow.num_layers, hidden_dim=heads * head_dim,
+                    num_heads=heads)  # fmt: skip
+    return _solve_shallow_wide(teacher, fixed, budget, count)
 
 
 def _solve_shallow_wide(

@@ -59,6 +59,11 @@ LOSS_NAMES = {
     "l1cos": "L1 - log sigmoid(cosine) loss (DistilHuBERT)",
     "mse": "mean squared error",
 }
+INIT_NAMES = {
+    "prune": "structured pruning of the teacher by activation importance",
+    "teacher": "weight selection from the teacher (first units of every axis)",
+    "random": "random (the model class's own initialisation)",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -230,6 +235,13 @@ def _made_section(prov: dict[str, Any]) -> str:
     lines.append(
         f"- Targets: teacher {obj.get('target')} states, normalised by {obj.get('target_norm')}."
     )
+    init = prov.get("student_init") or {}
+    if init:
+        what = INIT_NAMES.get(init.get("init"), init.get("init"))
+        layers = init.get("from_layers")
+        lines.append(
+            f"- Initialisation: {what}" + (f", from teacher layers {layers}." if layers else ".")
+        )
     pairs = ", ".join(f"s{i}->t{j}" for i, j in prov.get("pairs") or [])
     lines.append(f"- Layer map (student layer -> teacher layer): {pairs or 'not recorded'}.")
     lines.append(f"- Data: {_data_line(prov.get('data') or {}, data)}")

@@ -129,6 +129,11 @@ class PrunePlan:
         return (heads[:, None] * self.head_dim + offsets[None, :]).reshape(-1)
 
 
+def can_prune(encoder: SpeechEncoder) -> bool:
+    """Whether ``encoder``'s family has a pruning layout (``student.init=prune`` works)."""
+    return encoder.family in _LAYOUTS
+
+
 def layout_for(encoder: SpeechEncoder) -> _Layout:
     """The pruning layout of ``encoder``'s family; ValueError for families without one."""
     if encoder.family not in _LAYOUTS:

@@ -40,7 +40,9 @@ from colld.students.build import (
     build_student,
     count_encoder_parameters,
     plan_pruned_student,
+    resolve_init,
     resolve_source_map,
+    source_layers,
 )
 from colld.students.export import export_student
 from colld.teachers import LoadedModel, load_teacher
@@ -155,6 +157,9 @@ class Run(TrainRun):
     teacher: LoadedModel
     student: SpeechEncoder
     objective: DistillObjective
+    student_init: dict[str, Any]
+    """How the student was initialised: {"init": "teacher" | "prune" | "random", "from_layers":
+    the teacher layer (1..L_T) each student layer was copied from, or None}."""
 
     @property
     def distiller(self) -> nn.Module:
@@ -253,15 +258,17 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
     )
     with accelerator.main_process_first():  # one process synthesises a missing corpus
         sources = resolve_sources(cfg.data, cfg.train.seed)
+    spec = resolve_init(teacher.encoder, cfg.student)  # "auto" -> prune or teacher
+    log.info("student.init=%s%s", spec.init, " (auto)" if cfg.student.init == "auto" else "")
     plan = None
-    if cfg.student.init == "prune":  # deterministic: a resumed run plans the same student
+    if spec.init == "prune":  # deterministic: a resumed run plans the same student
         calibration = calibration_batches(
-            cfg.data, sources[0], teacher.feature_extractor, cfg.student.prune_seconds
+            cfg.data, sources[0], teacher.feature_extractor, spec.prune_seconds
         )
-        plan = plan_pruned_student(teacher.encoder, cfg.student, calibration)
-    student = build_student(teacher.encoder, cfg.student, seed=cfg.train.seed, plan=plan)
+        plan = plan_pruned_student(teacher.encoder, spec, calibration)
+    student = build_student(teacher.encoder, spec, seed=cfg.train.seed, plan=plan)
     # layer_map "source" -> a list; the export records the objective as resolved
-    objective_cfg = resolve_source_map(cfg.objective, teacher.encoder, cfg.student, plan)
+    objective_cfg = resolve_source_map(cfg.objective, teacher.encoder, spec, plan)
     with torch.random.fork_rng(devices=[]):  # the heads' init: from the seed, not the RNG's state
         torch.manual_seed(cfg.train.seed + 1)
         objective = DistillObjective.for_encoders(
@@ -299,6 +306,12 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         teacher=teacher,
         student=student,
         objective=objective,
+        student_init={
+            "init": spec.init,
+            "from_layers": None
+            if spec.init == "random"
+            else source_layers(teacher.encoder, spec, plan),
+        },
     )
 
 
@@ -690,6 +703,7 @@ def provenance(run: Run, student: SpeechEncoder, objective: DistillObjective) ->
         },
         "objective": to_dict(objective.config),  # as resolved (layer_map "source" -> list)
         "pairs": [list(pair) for pair in objective.pairs],
+        "student_init": run.student_init,
         "student_dim": student.hidden_dim,
         "num_student_layers": student.num_layers,
         "teacher_dim": run.teacher.encoder.hidden_dim,

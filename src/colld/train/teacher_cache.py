@@ -47,7 +47,7 @@ from colld.data.target_cache import (
 )
 from colld.data.utterance_audio import load_region
 from colld.objectives.layer_map import SOURCE_MAP
-from colld.students.build import resolve_source_map, resolve_student_sizes
+from colld.students.build import resolve_init, resolve_source_map, resolve_student_sizes
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.data_setup import resolve_sources
 
@@ -59,11 +59,12 @@ _VOLATILE_EXTRACTOR_KEYS = ("processor_class", "return_attention_mask", "padding
 
 def cache_teacher_layers(cfg: RunConfig, teacher: LoadedModel) -> list[int]:
     """The teacher layers this run's objective maps to (sorted), without building a student."""
-    if cfg.objective.layer_map == SOURCE_MAP and cfg.student.init == "prune":
+    spec = resolve_init(teacher.encoder, cfg.student)
+    if cfg.objective.layer_map == SOURCE_MAP and spec.init == "prune":
         # The kept layers are measured on training audio (the pruning plan): cache every layer.
         return list(range(1, teacher.encoder.num_layers + 1))
-    objective = resolve_source_map(cfg.objective, teacher.encoder, cfg.student)
-    sizes = resolve_student_sizes(teacher.encoder, cfg.student)
+    objective = resolve_source_map(cfg.objective, teacher.encoder, spec)
+    sizes = resolve_student_sizes(teacher.encoder, spec)
     pairs = objective.validate(sizes.num_layers, teacher.encoder.num_layers)
     return sorted({j for _, j in pairs})
 
