@@ -30,11 +30,12 @@ anything HF runs after the encoder (w2v-BERT's ``adapter`` / ``intermediate_ffn`
 Initialisation (one policy for every shape, so comparing shapes does not compare inits):
     "random": HF's own ``_init_weights`` for that class, under
         ``torch.manual_seed(seed)`` (the global RNG is left as it was).
-    "auto" (default): "prune" where the family has a pruning layout (Whisper) and the
+    "auto" (default): "prune" where the family has a pruning layout (Whisper, wav2vec 2.0,
+        HuBERT, data2vec-audio) and the
         student's shape keeps whole teacher heads (always so for the presets), else "teacher"
         (``resolve_init``). Why: docs/results/vs-compression.md — at the same size and CoLLD
         budget, the importance-pruned start scored 464 +- 5 against 142 +- 2 for weight
-        selection.
+        selection (measured on Whisper base only).
     "teacher": the random init, then the front end (convs, feature projection, positional
         conv / table, HF's ``masked_spec_embed``; Whisper's mask embedding is colld's own and
         stays random), the final layer norm and teacher layer m(i) = ceil(i * L_T / L_S) for
@@ -45,7 +46,8 @@ Initialisation (one policy for every shape, so comparing shapes does not compare
         agree with each other; taking the first n (not every k-th) keeps whole attention
         heads where the head size allows. With the teacher's widths this is an exact copy.
         A student axis larger than the teacher's raises an error naming the tensor.
-    "prune": structured pruning of the teacher by activation importance (Whisper encoders;
+    "prune": structured pruning of the teacher by activation importance (Whisper, wav2vec 2.0,
+        HuBERT, data2vec-audio;
         ``colld.students.prune``): the top residual channels, whole heads, FFN neurons and
         layers, measured on ``prune_seconds`` of training audio. The student's head size must
         be the teacher's: the deep-narrow preset then takes the whole-head width whose student
@@ -141,7 +143,7 @@ class StudentSpec:
     init: "auto" (default: "prune" where possible, else "teacher"; ``resolve_init``),
         "teacher" (front end and every k-th layer from the teacher, narrower axes keep their
         first n entries), "random" (HF init under the seed) or "prune" (the teacher's most
-        important channels, heads, neurons and layers; Whisper encoders). Chosen by
+        important channels, heads, neurons and layers; not WavLM / w2v-BERT). Chosen by
         measurement: docs/results/demo.md ("Follow-up": teacher over random) and
         docs/results/vs-compression.md (prune over teacher).
     compression: teacher parameters / student parameters the presets aim at.
