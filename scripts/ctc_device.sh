@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: several runs of scripts/ctc_results.sh, one after another (a
-# pair sharing the 16 cores ran ~30% slower each), results (never weights) packed into
-# $OUT/results.tgz (a call returns only a few files), per-run wall seconds in $OUT/times.txt.
+# One call on a lent GPU machine: several runs of scripts/ctc_results.sh, results (never
+# weights) packed into $OUT/results.tgz (a call returns only a few files), per-run wall seconds
+# in $OUT/times.txt.
 #
-#   scripts/ctc_device.sh MODEL_DIR@LR ...      e.g. .carry/floor16@5e-4 .carry/floor16@1e-3
+#   [PARALLEL=N] scripts/ctc_device.sh MODEL_DIR@LR ...   e.g. .carry/floor16@5e-4 .carry/floor16@1e-3
 #
+# PARALLEL (default 1) runs N jobs at once, sharing 14 data workers: the runs are data-bound
+# (the Whisper front end on the CPU), so a pair runs ~30% slower each but ~1.4x faster together.
 # Expects cp312 wheels of colld's data dependencies in .whl/ (the machine has torch,
 # transformers and accelerate, no network) and the probe splits in .carry/ctc/{manifests,audio}
 # (paths in the manifests are relative to them). Runs write to /tmp/ctc/NAME, NAME =
 # basename(MODEL_DIR)-lrLR; the archive holds every run under /tmp/ctc (earlier calls' on a
-# warm machine too). Unpack and collect here with scripts/ctc_report.py --collect.
+# warm machine too) and is rewritten after each batch of jobs, so a call stopped by its time
+# limit still returns the finished runs. Unpack and collect here with scripts/ctc_report.py
+# --collect.
 set -uo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 MODEL_DIR@LR ..." >&2; exit 2; }
+parallel=${PARALLEL:-1}
+workers=$((14 / parallel))
 [[ -d /tmp/site/lhotse ]] || pip install -q --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
 export PYTHONPATH=/tmp/site:src PYTHON=python3 MANIFESTS=.carry/ctc/manifests
 nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/gpu.txt"
 mkdir -p /tmp/ctc/logs
-for job in "$@"; do
-    model=${job%@*}
-    lr=${job#*@}
+
+run_one() {  # MODEL_DIR@LR: one run, its wall seconds appended to times.txt
+    local model=${1%@*} lr=${1#*@}
+    local name start
     name=$(basename "$model")-lr$lr
     start=$(date +%s)
-    scripts/ctc_results.sh "$model" "/tmp/ctc/$name" train.lr="$lr" data.num_workers=14 \
+    scripts/ctc_results.sh "$model" "/tmp/ctc/$name" train.lr="$lr" data.num_workers="$workers" \
         > "/tmp/ctc/logs/$name.log" 2>&1
-    echo "$name rc=$? $(($(date +%s) - start)) s" >> "$OUT/times.txt"
+    echo "$name rc=$? $(($(date +%s) - start)) s (parallel $parallel)" >> "$OUT/times.txt"
+}
+
+jobs=("$@")
+for ((i = 0; i < ${#jobs[@]}; i += parallel)); do
+    for job in "${jobs[@]:i:parallel}"; do run_one "$job" & done
+    wait
+    (cd /tmp/ctc && tar czf "$OUT/results.tgz" logs */config.yaml */metrics.jsonl \
+        $(ls -d */model/ctc_scores.json 2>/dev/null))
 done
-(cd /tmp/ctc && tar czf "$OUT/results.tgz" logs */config.yaml */metrics.jsonl */model/ctc_scores.json)
 cat "$OUT/times.txt"

@@ -7,8 +7,9 @@
 
 ``--collect`` copies a finished run's ``metrics.jsonl`` and ``model/ctc_scores.json`` into
 ``docs/results/ctc/`` and records its model, learning rate, label and machine in
-``runs.json``; without it the page (table, per-language PER, dev-PER curves) is rewritten from
-that folder alone. Per model, the learning rate with the lowest dev PER is the one compared
+``runs.json``; ``--stopped`` collects a run that was killed before its end (no test decode):
+only its dev-PER curve is kept and it gets a table of its own. Without ``--collect`` the page
+(tables, per-language PER, dev-PER curves) is rewritten from that folder alone. Per model, the learning rate with the lowest dev PER is the one compared
 (probe-test is read only for the table, never for a choice).
 """
 
@@ -26,13 +27,16 @@ RESULTS = ROOT / "docs" / "results" / "ctc"
 PAGE = ROOT / "docs" / "results" / "ctc.md"
 
 
-def collect(run: Path, name: str, label: str, params: float, machine: str) -> None:
+def collect(
+    run: Path, name: str, label: str, params: float, machine: str, stopped: bool = False
+) -> None:
     scores = run / "model" / "ctc_scores.json"
-    if not scores.is_file():
-        raise SystemExit(f"{run}: no model/ctc_scores.json; is the run finished?")
+    if not (stopped or scores.is_file()):
+        raise SystemExit(f"{run}: no model/ctc_scores.json; is the run finished? (--stopped)")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(scores, RESULTS / f"{name}.scores.json")
+    if not stopped:
+        shutil.copyfile(scores, RESULTS / f"{name}.scores.json")
     shutil.copyfile(run / "metrics.jsonl", RESULTS / f"{name}.metrics.jsonl")
     index = _index()
     index[name] = {
@@ -41,6 +45,8 @@ def collect(run: Path, name: str, label: str, params: float, machine: str) -> No
         "lr": cfg["train"]["lr"],
         "params_m": params,
         "machine": machine,
+        "steps": cfg["train"]["max_steps"],
+        "stopped": stopped,
     }
     (RESULTS / "runs.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
@@ -61,22 +67,51 @@ def _plot(index: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for name, info in sorted(index.items()):
         steps, per = zip(*[(s, p) for s, p in _dev_curve(name) if s > 0], strict=True)
-        ax.plot(steps, per, marker=".", label=f"{info['label']}, LR {info['lr']:g}")
+        style = "--" if info.get("stopped") else "-"  # stopped runs dashed
+        ax.plot(steps, per, style, marker=".", label=f"{info['label']}, LR {info['lr']:g}")
     ax.set(xlabel="step", ylabel="dev PER (probe-dev)", ylim=(0, 1.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _stopped_table(index: dict[str, dict]) -> list[str]:
+    """Runs killed before their end: the best dev PER so far, no test decode."""
+    stopped = sorted((n for n, info in index.items() if info.get("stopped")),
+                     key=lambda n: (index[n]["label"], index[n]["lr"]))  # fmt: skip
+    if not stopped:
+        return []
+    lines = [
+        "",
+        "Runs stopped before their last step (the device call's time limit; no test decode, so",
+        "these rows compare dev PER only, by the same selection rule: the best dev PER so far):",
+        "",
+        "| model | params (M) | peak LR | last step run | best dev PER (step) | machine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in stopped:
+        info = index[name]
+        curve = _dev_curve(name)
+        step, per = min(curve, key=lambda sp: sp[1])
+        last = max(json.loads(line)["step"] for line in (RESULTS / f"{name}.metrics.jsonl").open())
+        lines.append(
+            f"| {info['label']} | {info['params_m']:.2f} | {info['lr']:g} | "
+            f"{last} / {info['steps']} | {per:.3f} ({step}) | {info['machine']} |"
+        )
+    return lines
+
+
 def write_page(index: dict[str, dict]) -> str:
-    scores = {n: json.loads((RESULTS / f"{n}.scores.json").read_text()) for n in index}
+    finished = {n: info for n, info in index.items() if not info.get("stopped")}
+    scores = {n: json.loads((RESULTS / f"{n}.scores.json").read_text()) for n in finished}
     by_model: dict[str, list[str]] = {}
-    for name, info in index.items():
+    for name, info in finished.items():
         by_model.setdefault(info["label"], []).append(name)
     picked = {label: min(names, key=lambda n: scores[n]["best_dev"])
               for label, names in by_model.items()}  # fmt: skip
@@ -99,7 +134,7 @@ def write_page(index: dict[str, dict]) -> str:
         "| model | params (M) | peak LR | selected step | dev PER | test PER | machine |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, info in sorted(index.items(), key=lambda kv: (kv[1]["label"], kv[1]["lr"])):
+    for name, info in sorted(finished.items(), key=lambda kv: (kv[1]["label"], kv[1]["lr"])):
         s = scores[name]
         bold = "**" if picked[info["label"]] == name else ""
         lines.append(
@@ -119,6 +154,7 @@ def write_page(index: dict[str, dict]) -> str:
     for lang in langs:
         cells = [scores[picked[label]]["test"]["per_language"][lang]["value"] for label in labels]
         lines.append(f"| {lang} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    lines += _stopped_table(index)
     _plot(index, RESULTS / "dev_per.png")
     lines += ["", "![dev PER vs step](ctc/dev_per.png)", ""]
     return "\n".join(lines)
@@ -131,13 +167,15 @@ def main() -> int:
     parser.add_argument("--label", help="the model's row label (with --collect)")
     parser.add_argument("--params", type=float, help="encoder parameters, millions")
     parser.add_argument("--machine", default="this CPU", help="where the run ran")
+    parser.add_argument("--stopped", action="store_true",
+                        help="the run was killed before its end: keep its dev curve only")  # fmt: skip
     parser.add_argument("--notes", type=Path, default=RESULTS / "notes.md",
                         help="hand-written reading appended to the page")  # fmt: skip
     args = parser.parse_args()
     if args.collect:
         if not (args.name and args.label and args.params):
             parser.error("--collect needs --name, --label and --params")
-        collect(args.collect, args.name, args.label, args.params, args.machine)
+        collect(args.collect, args.name, args.label, args.params, args.machine, args.stopped)
     index = _index()
     if not index:
         raise SystemExit(f"{RESULTS / 'runs.json'}: no runs collected yet")
