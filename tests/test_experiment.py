@@ -110,6 +110,7 @@ GRIDS = [
     "ablation",
     "collapse",
     "hours",
+    "masking",
     "sensitivity",
     "shape",
     "steps",
