@@ -11,6 +11,7 @@ teacher in PyTorch fp32; the int8 rows' max abs difference to PyTorch on the las
 says what the speed costs (probe scores: ``colld evaluate``).
 
     python bench/bench_onnx.py --student runs/NAME/student        # whisper-base teacher
+    python bench/bench_onnx.py --student A/student --student B/student   # several, one run
     python bench/bench_onnx.py --tiny                             # tiny random models, seconds
 """
 
@@ -83,10 +84,12 @@ def model_cases(spec: str, clip_seconds: float, work: Path, threads: int) -> tup
 
 
 def tiny_models(work: Path) -> tuple[str, str]:
-    """A tiny random Whisper teacher dir and a student distilled from nothing (random init)."""
+    """A tiny random Whisper teacher dir and a student weight-selected from it, never trained."""
     teacher_dir = tiny_teacher_dir("whisper", work / "tiny-teacher")
     teacher = load_teacher(str(teacher_dir))
-    student = build_student(teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16), seed=0)
+    student = build_student(
+        teacher.encoder, StudentSpec(num_layers=2, hidden_dim=16, init="teacher"), seed=0
+    )
     student_dir = export_student(
         student.eval(), teacher.feature_extractor, work / "tiny-student" / "student", metadata={}
     )
@@ -96,7 +99,8 @@ def tiny_models(work: Path) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="whisper-base", help="teacher spec")
-    parser.add_argument("--student", default=None, help="exported student directory")
+    parser.add_argument("--student", action="append", default=[],
+                        help="exported student directory (repeat for several)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny random teacher and student")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--rounds", type=int, default=10, help="timed runs per pair")
@@ -107,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    specs = tiny_models(work) if args.tiny else (args.teacher, args.student)
+    specs = tiny_models(work) if args.tiny else (args.teacher, *args.student)
     cases, front_end_s = [], {}
     for spec in filter(None, specs):
         model_case, front_end_s[describe(spec)] = model_cases(spec, args.seconds, work, threads)
