@@ -4,8 +4,9 @@
     .venv/bin/python scripts/ctc_controls.py --fp16-copy runs/sel-hsel/student --out DIR
 
 The first form exports two untrained students of the demo's config (``colld demo``: 6 x 288,
-seed 0) exactly as ``colld experiment``'s floor cells are exported: ``floor`` (the default
-``student.init=teacher``: weight selection from Whisper base) and ``random``
+seed 0) exactly as ``colld experiment``'s floor cells are exported: ``floor``
+(``student.init=teacher``: weight selection from Whisper base, the default when the page's runs
+were made; pinned, since the default is now ``auto``) and ``random``
 (``student.init=random``), then writes an fp16 copy of each (``floor16``, ``random16``) beside
 them. The second form writes the fp16 copy of any exported model directory. fp16 copies exist
 because a device call carries at most 64 MiB; colld loads them back into fp32 (relative
@@ -39,7 +40,7 @@ def export_controls(out: Path) -> list[Path]:
     from colld.experiments.runner import export_untrained
 
     copies = []
-    for name, extra in (("floor", ()), ("random", ("student.init=random",))):
+    for name, extra in (("floor", ("student.init=teacher",)), ("random", ("student.init=random",))):
         overrides = (f"train.output_dir={out / name}", *extra)
         student = export_untrained(demo_config(quick=False, overrides=overrides))
         copies.append(fp16_copy(student, out / f"{name}16"))
