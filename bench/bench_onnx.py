@@ -49,8 +49,10 @@ class Case:
     times: list[float]
 
 
-def model_cases(spec: str, clip_seconds: float, work: Path, threads: int) -> tuple[list, float]:
-    """The three backends of one model, and its front end's seconds on the clip."""
+def model_cases(
+    spec: str, label: str, clip_seconds: float, work: Path, threads: int
+) -> tuple[list, float]:
+    """The three backends of one model (rows named ``label``), and its front end's seconds."""
     loaded = load_model_spec(spec)
     if loaded is None:
         raise SystemExit(f"{spec}: no encoder to benchmark")
@@ -61,7 +63,7 @@ def model_cases(spec: str, clip_seconds: float, work: Path, threads: int) -> tup
     features = front_end(clip)[None]  # (1, F, C) or (1, S)
     front_end_s = time.perf_counter() - start
     lengths = torch.tensor([features.shape[1]])
-    folder = work / describe(spec).replace(":", "_").replace("/", "_")
+    folder = work / label.replace(":", "_").replace("/", "_")
     fp32 = export_onnx(encoder, front_end, folder / "model.onnx", source=spec)
     int8 = quantize_int8(fp32, folder / "model.int8.onnx")
     last = encoder.num_layers
@@ -78,9 +80,15 @@ def model_cases(spec: str, clip_seconds: float, work: Path, threads: int) -> tup
         onnx_run(OnnxEncoder(fp32, threads=threads)),
         onnx_run(OnnxEncoder(int8, threads=threads)),
     ]
-    label = describe(spec)
     cases = [Case(label, backend, run, []) for backend, run in zip(BACKENDS, runs, strict=True)]
     return cases, front_end_s
+
+
+def unique_label(spec: str, taken: dict[str, float]) -> str:
+    """``describe(spec)``, or the spec itself where that name is taken (two students both
+    exported as ``.../seed-0/student`` describe alike)."""
+    label = describe(spec)
+    return spec if label in taken else label
 
 
 def tiny_models(work: Path) -> tuple[str, str]:
@@ -114,7 +122,8 @@ def main() -> None:
     specs = tiny_models(work) if args.tiny else (args.teacher, *args.student)
     cases, front_end_s = [], {}
     for spec in filter(None, specs):
-        model_case, front_end_s[describe(spec)] = model_cases(spec, args.seconds, work, threads)
+        label = unique_label(spec, taken=front_end_s)
+        model_case, front_end_s[label] = model_cases(spec, label, args.seconds, work, threads)
         cases += model_case
     last_states = {(c.model, c.backend): c.run() for c in cases}
     for _ in range(args.warmup):

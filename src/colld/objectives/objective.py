@@ -88,10 +88,12 @@ class ObjectiveConfig:
     Whisper's absolute sinusoidal positions that task can be solved by position alone (measured
     in docs/results/demo.md), and these extra distractors share the positive's position."""
 
-    loss_frames: str = "masked"
+    loss_frames: str = "all"
     """Frames the loss counts: "masked", "unmasked" or "all" valid frames. With masking off
     (``mask`` False, or no mask passed) nothing is masked, so "masked" and "unmasked" both mean
-    all valid frames."""
+    all valid frames. Default "all" (ours; METHOD.md's default is "masked"): from the default
+    pruned student, masked input with the loss on every frame scored 696 +- 43 against 464 +- 5
+    with the loss on masked frames only (docs/results/masking.md, 2 seeds, 80 updates)."""
 
     mask: bool = True
     """Mask time spans of the student's input (learned mask embedding)."""
