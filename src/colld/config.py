@@ -89,8 +89,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Batches accumulated per optimizer update."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision. auto = bf16 where the device supports it (CUDA with bf16, and CPU),
-    fp32 otherwise. Losses are always computed in fp32."""
+    """Mixed precision. auto = bf16 where the device supports it natively (CUDA with bf16, a
+    CPU with AVX512-BF16 or AMX), fp16 on older CUDA, fp32 otherwise. Losses are always
+    computed in fp32."""
     seed: int = 0
     """Seeds student initialisation, data order, crops, augmentation, masks and distractors."""
     deterministic: bool = False
