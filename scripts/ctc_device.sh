@@ -5,8 +5,10 @@
 #
 #   [PARALLEL=N] scripts/ctc_device.sh MODEL_DIR@LR ...   e.g. .carry/floor16@5e-4 .carry/floor16@1e-3
 #
-# PARALLEL (default 1) runs N jobs at once, sharing 14 data workers: the runs are data-bound
-# (the Whisper front end on the CPU), so a pair runs ~30% slower each but ~1.4x faster together.
+# PARALLEL (default 1) runs N jobs at once, sharing 14 data workers. Measured: a pair with 7
+# workers each ran ~1570 audio-s/s each (one alone ~2100-2400); three with 4 workers each
+# needed ~10 min for 1400 steps, because each dev decode (every 100 steps) took ~35 s with so
+# few workers: one at a time with 14 workers (78-114 s per run) is the faster default.
 # Expects cp312 wheels of colld's data dependencies in .whl/ (the machine has torch,
 # transformers and accelerate, no network) and the probe splits in .carry/ctc/{manifests,audio}
 # (paths in the manifests are relative to them). Runs write to /tmp/ctc/NAME, NAME =

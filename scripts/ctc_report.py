@@ -9,8 +9,9 @@
 ``docs/results/ctc/`` and records its model, learning rate, label and machine in
 ``runs.json``; ``--stopped`` collects a run that was killed before its end (no test decode):
 only its dev-PER curve is kept and it gets a table of its own. Without ``--collect`` the page
-(tables, per-language PER, dev-PER curves) is rewritten from that folder alone. Per model, the learning rate with the lowest dev PER is the one compared
-(probe-test is read only for the table, never for a choice).
+(tables, per-language PER, dev-PER curves) is rewritten from that folder alone. Per model,
+the learning rate with the lowest dev PER is the one compared (probe-test is read only for
+the table, never for a choice).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def _index() -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _metrics(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / f"{name}.metrics.jsonl").open()]
+
+
 def _dev_curve(name: str) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (RESULTS / f"{name}.metrics.jsonl").open()]
-    return [(r["step"], r["dev/per"]) for r in rows if "dev/per" in r]
+    return [(r["step"], r["dev/per"]) for r in _metrics(name) if "dev/per" in r]
 
 
 def _plot(index: dict[str, dict], path: Path) -> None:
@@ -97,9 +101,8 @@ def _stopped_table(index: dict[str, dict]) -> list[str]:
     ]
     for name in stopped:
         info = index[name]
-        curve = _dev_curve(name)
-        step, per = min(curve, key=lambda sp: sp[1])
-        last = max(json.loads(line)["step"] for line in (RESULTS / f"{name}.metrics.jsonl").open())
+        step, per = min(_dev_curve(name), key=lambda sp: sp[1])
+        last = max(row["step"] for row in _metrics(name))
         lines.append(
             f"| {info['label']} | {info['params_m']:.2f} | {info['lr']:g} | "
             f"{last} / {info['steps']} | {per:.3f} ({step}) | {info['machine']} |"
