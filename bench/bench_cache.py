@@ -10,13 +10,24 @@ both alike. An epoch is not run: its time is the median seconds per update times
 per epoch of each run's sampler (the cached run has slightly more audio per epoch: the tails of
 utterances longer than 15 s are segments of their own instead of being cropped away).
 
-    python bench/bench_cache.py                          # ~5-9 min on 2 CPU cores
+With ``--epoch`` each run instead times one epoch's worth of updates (its sampler's batches
+per epoch, after the warm-up), so the epoch time is measured, not estimated.
+``--random-teacher w2v-bert-2.0`` times a teacher of that published architecture with random
+weights (``colld.testing.full_size_teacher_dir``; speed does not depend on the weights), the
+size the mission is about; ``--max-hours`` keeps the first hours of the training data so that
+its cache build fits a session.
+
+    python bench/bench_cache.py                          # ~2-9 min on 2 CPU cores
+    python bench/bench_cache.py --epoch                  # whole epochs, ~4 min on 2 cores
     python bench/bench_cache.py --rounds 4 --cache-dir /tmp/cache --keep   # reuse a cache
+    python bench/bench_cache.py --epoch --random-teacher w2v-bert-2.0 --max-hours 0.25 \
+        data.batch_seconds=40 data.num_workers=1        # 580M teacher: ~25 min, ~17 GB RAM
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -28,7 +39,10 @@ from pathlib import Path
 
 import torch
 
-from colld.config import load_config
+from colld.config import RunConfig, load_config
+from colld.data.manifest import write_manifest
+from colld.testing import FULL_SIZE_TEACHERS, full_size_teacher_dir
+from colld.train.data_setup import resolve_sources
 from colld.train.recipe import Run, setup, train_update
 from colld.train.teacher_cache import build_cache
 
@@ -47,12 +61,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates per run")
     parser.add_argument("--cache-dir", help="cache directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the cache and run dirs")
+    parser.add_argument(
+        "--epoch", action="store_true", help="time one epoch's worth of updates per run"
+    )
+    parser.add_argument(
+        "--random-teacher",
+        choices=sorted(FULL_SIZE_TEACHERS),
+        help="a random-weight teacher of this published architecture (timing only)",
+    )
+    parser.add_argument(
+        "--max-hours", type=float, help="train on the first this many hours of the data"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
     base = list(args.overrides)
+    if args.random_teacher:
+        teacher_dir = full_size_teacher_dir(args.random_teacher, work / "teacher")
+        base.append(f"teacher.spec={teacher_dir}")
+    if args.max_hours is not None:
+        base.append(f"data.train={_first_hours(load_config(None, base), args.max_hours, work)}")
     online_cfg = load_config(None, [*base, f"train.output_dir={work / 'online'}"])
     cached_cfg = load_config(
         None,
@@ -69,16 +99,25 @@ def main() -> None:
             for _ in range(args.warmup):
                 timed_update(run)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        for index in range(args.rounds):
+        updates = {
+            name: run.train.sampler.num_batches(0) if args.epoch else args.rounds
+            for name, run in runs.items()
+        }
+        for index in range(max(updates.values())):
             # The k-th batches of both runs are nearly the same clips (same seed and sampler);
             # alternate which goes first so that drifting load from other processes hits both.
             order = list(runs) if index % 2 == 0 else list(runs)[::-1]
             for name in order:
-                times[name].append(timed_update(runs[name]))
-        rows = {name: _row(name, run, times[name], online_cfg) for name, run in runs.items()}
+                if index < updates[name]:
+                    times[name].append(timed_update(runs[name]))
+        rows = {
+            name: _row(name, run, times[name], online_cfg, args.epoch) for name, run in runs.items()
+        }
         paired = [
-            (c_audio / c_s) / (a_audio / a_s)
-            for (a_s, a_audio), (c_s, c_audio) in zip(times["online"], times["cached"], strict=True)
+            (c_audio / c_s) / (a_audio / a_s)  # pairs while both runs still update
+            for (a_s, a_audio), (c_s, c_audio) in zip(
+                times["online"], times["cached"], strict=False
+            )
         ]
         for run in runs.values():
             run.logger.close()
@@ -93,7 +132,20 @@ def main() -> None:
             print(f"kept: {work} and {cache_dir}")
 
 
-def _row(name: str, run: Run, times: list[tuple[float, float]], cfg) -> dict:
+def _first_hours(cfg: RunConfig, hours: float, work: Path) -> Path:
+    """A manifest of the first ``hours`` of ``cfg``'s training data (absolute paths)."""
+    (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
+    kept, seconds = [], 0.0
+    for utterance in utterances:
+        if seconds >= hours * 3600:
+            break
+        path = os.path.abspath(utterance.resolved_path(root))  # root may be relative
+        kept.append(dataclasses.replace(utterance, path=path))
+        seconds += utterance.duration
+    return write_manifest(kept, work / "train-first-hours.jsonl")
+
+
+def _row(name: str, run: Run, times: list[tuple[float, float]], cfg, epoch: bool) -> dict:
     utterances = run.train.sampler.utterances
     if name == "online":  # cropped to max_duration
         epoch_audio = sum(min(u.duration, cfg.data.max_duration) for u in utterances)
@@ -107,22 +159,29 @@ def _row(name: str, run: Run, times: list[tuple[float, float]], cfg) -> dict:
         "batches": batches,
         "median_s": statistics.median(seconds),
         "min_s": min(seconds),
+        "updates": len(seconds),
         "audio_per_s": sum(a for _, a in times) / sum(seconds),
-        "epoch_s": statistics.median(seconds) * batches,
+        "epoch_s": sum(seconds) if epoch else statistics.median(seconds) * batches,
     }
 
 
 def print_table(rows, summary, paired, args, load_start, load_end) -> None:
     cpu = platform.processor() or platform.machine()
+    if args.epoch:
+        updates = "one epoch (" + " / ".join(str(r["updates"]) for r in rows.values())
+        updates += " updates)"
+        epoch_column = "s/epoch (measured)"
+    else:
+        updates, epoch_column = f"{args.rounds} updates", "s/epoch (median x batches)"
     print(
         f"\n{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {args.rounds} updates per run after {args.warmup} "
+        f"{torch.get_num_threads()} threads; {updates} per run after {args.warmup} "
         f"warm-up, alternating online / cached; 1-min load average {load_start[0]:.2f} at the "
         f"start, {load_end[0]:.2f} at the end"
     )
     print(
         "| run | items/epoch | audio h/epoch | batches/epoch | median s/update | min s/update "
-        "| audio s/s | s/epoch (median x batches) |"
+        f"| audio s/s | {epoch_column} |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -132,9 +191,7 @@ def print_table(rows, summary, paired, args, load_start, load_end) -> None:
             f"{r['epoch_s']:.0f} |"
         )
     online, cached = rows["online"], rows["cached"]
-    print(
-        f"speed-up per epoch (median s/update x batches): {online['epoch_s'] / cached['epoch_s']:.2f}x"
-    )
+    print(f"speed-up per epoch ({epoch_column}): {online['epoch_s'] / cached['epoch_s']:.2f}x")
     print(
         f"speed-up in audio s/s: {cached['audio_per_s'] / online['audio_per_s']:.2f}x overall, "
         f"{statistics.median(paired):.2f}x median of the {len(paired)} adjacent pairs, "

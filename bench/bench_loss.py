@@ -2,7 +2,8 @@
 
 Run:  .venv/bin/python bench/bench_loss.py            (CPU, 2 threads, fp32, B=8)
       .venv/bin/python bench/bench_loss.py --device cuda --lengths 250 500 750 1500
-      add --bf16 to run tables 2 and 3 under bf16 autocast (the losses stay fp32 inside)
+      add --bf16 to run tables 2 and 3 under bf16 autocast (the losses stay fp32 inside,
+      except the contrastive cosine matmul; table 2 adds the all-fp32 contrastive loss)
 
 Prints three tables:
 1. loss only: forward + backward of the per-pair loss over 6 pairs, given projected
@@ -23,12 +24,13 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from colld.objectives import losses
 from colld.objectives.losses import contrastive_loss, l1cos_loss, mse_loss
 from colld.objectives.masking import span_mask, valid_frames
 from colld.objectives.objective import DistillObjective, ObjectiveConfig
@@ -98,7 +100,11 @@ def _objective_only(num_frames: int, repeats: int, device: torch.device) -> dict
     generator = torch.Generator(device=device).manual_seed(0)
     lengths = _lengths(num_frames, device)
     results = {}
-    for loss in ("contrastive", "l1cos", "mse"):
+    variants = ["contrastive", "l1cos", "mse"]
+    if AUTOCAST is not nullcontext:
+        variants.insert(1, FP32_COSINES)
+    for variant in variants:
+        loss = variant.split(" ")[0]
         objective = _objective(loss, device)
         student = {
             i: torch.randn(BATCH, num_frames, STUDENT_DIM, device=device, requires_grad=True)
@@ -115,8 +121,25 @@ def _objective_only(num_frames: int, repeats: int, device: torch.device) -> dict
                 total = objective(student, teacher, lengths, mask, generator).total
             total.backward()
 
-        results[loss] = _median_seconds(run, repeats, device)
+        fp32_cosines = variant == FP32_COSINES
+        with _fp32_cosines() if fp32_cosines else nullcontext():
+            results[variant] = _median_seconds(run, repeats, device)
     return results
+
+
+FP32_COSINES = "contrastive (fp32 cosines)"
+
+
+@contextmanager
+def _fp32_cosines() -> Iterator[None]:
+    """The contrastive loss' cosine matmul in float32 under autocast too (colld before
+    2026-11-27 did all of the loss in float32): the comparison row of table 2."""
+    saved = losses._autocast_matmul_dtype
+    losses._autocast_matmul_dtype = lambda device_type: torch.float32
+    try:
+        yield
+    finally:
+        losses._autocast_matmul_dtype = saved
 
 
 class _WhisperLikeEncoder(nn.Module):
@@ -214,7 +237,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"{'bf16 autocast (losses fp32)' if args.bf16 else 'fp32'}, "
+        f"{'bf16 autocast (contrastive cosine matmul bf16, the rest fp32)' if args.bf16 else 'fp32'}, "
         f"B={BATCH}, D_t={TEACHER_DIM}, D_s={STUDENT_DIM}, {NUM_LAYERS} pairs, K={NUM_NEGATIVES}, "
         f"1-min load average {load:.1f}"
     )

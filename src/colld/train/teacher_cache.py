@@ -11,7 +11,11 @@ the augmentation record. Augmentation is refused: augmented audio changes every 
 fixed cache cannot hold its targets (``validate`` refuses ``data.target_cache`` with
 augmentation on, and ``build_cache`` refuses to build).
 
-The teacher runs in fp32 (on CUDA when the run would use it); targets are stored as float16.
+The teacher runs where and as the run would run it online: on CUDA when the run would use it,
+under the autocast of the run's ``train.precision`` (``colld.train.precision``: bf16 on a
+native-bf16 CPU or a bf16 GPU by default, fp32 elsewhere); targets are stored as float16. The
+precision is recorded in the build config (``build_config.yaml``) but is not part of the
+fingerprint: it changes the targets by rounding only, as it changes an online run's.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from colld.objectives.layer_map import SOURCE_MAP
 from colld.students.build import resolve_init, resolve_source_map, resolve_student_sizes
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.data_setup import resolve_sources
+from colld.train.precision import teacher_autocast
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +324,10 @@ def _write_chunk(
 ) -> None:
     usable = [(s, f, n) for s, f, n, reason in chunk if reason is None]
     target, batch_seconds = cfg.objective.target, cfg.data.batch_seconds
-    computed = _teacher_chunk(teacher, usable, layers, target, batch_seconds, sample_rate, device)
+    with teacher_autocast(cfg.train.precision, device):
+        computed = _teacher_chunk(
+            teacher, usable, layers, target, batch_seconds, sample_rate, device
+        )
     states = iter(computed)
     rows, targets = [], []
     for segment, _, num_samples, reason in chunk:

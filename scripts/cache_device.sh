@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The teacher-target cache's speed-up on a lent GPU machine (bench/bench_cache.py), one call.
+#
+#   scripts/cache_device.sh prepare [HOURS]       # here: the data to carry (default 0.5 h)
+#   scripts/cache_device.sh run [BENCH ARGS...]   # on the device, e.g. (one call, ~3-6 min):
+#       run tool: command "scripts/cache_device.sh run", carry [".whl", ".carry/cache-bench"]
+#
+# prepare: the first HOURS of the embedded corpus' train split (needs `colld data synth` done)
+# copied to .carry/cache-bench/{train.jsonl,audio/} with paths relative to the manifest
+# (0.5 h is ~34 MB of FLAC: with .whl/, ~10 MB, and the tracked tree it stays under a call's
+# 64 MiB).
+# run: whole epochs, online teacher vs cache, of a random-weight teacher with w2v-BERT 2.0's
+# architecture (580M parameters, built on the device: nothing to carry), default student and
+# recipe, on CUDA under train.precision=auto (bf16); its table goes to $OUT/cache_bench.log.
+# Extra BENCH ARGS replace the defaults (e.g. teacher.spec=.carry/whisper-base-fp16 to time
+# another teacher). Expects cp312 wheels of colld's data dependencies in .whl/ (the machine has
+# torch, transformers and accelerate, no network): see scripts/ctc_device.sh.
+set -euo pipefail
+mode=${1:-}
+shift || true
+case "$mode" in
+prepare)
+    hours=${1:-0.5}
+    .venv/bin/python - "$hours" <<'EOF'
+import dataclasses, shutil, sys
+from pathlib import Path
+from colld.config import load_config
+from colld.data.manifest import write_manifest
+from colld.train.data_setup import resolve_sources
+
+hours, out = float(sys.argv[1]), Path(".carry/cache-bench")
+cfg = load_config(None, [])
+(utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
+shutil.rmtree(out, ignore_errors=True)
+(out / "audio").mkdir(parents=True)
+kept, seconds = [], 0.0
+for u in utterances:
+    if seconds >= hours * 3600:
+        break
+    src = u.resolved_path(root)
+    shutil.copy2(src, out / "audio" / src.name)
+    kept.append(dataclasses.replace(u, path=f"audio/{src.name}"))
+    seconds += u.duration
+write_manifest(kept, out / "train.jsonl")
+print(f"{len(kept)} utterances, {seconds / 3600:.3f} h -> {out}")
+EOF
+    du -sh .carry/cache-bench
+    ;;
+run)
+    [[ -d /tmp/site/lhotse ]] || pip install -q --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1
+    export PYTHONPATH=/tmp/site:src
+    nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/gpu.txt"
+    python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/gpu.txt"
+    args=("$@")
+    [[ ${#args[@]} -gt 0 ]] || args=(--random-teacher w2v-bert-2.0)
+    python3 bench/bench_cache.py --epoch --cache-dir /tmp/cache-bench "${args[@]}" \
+        train.device=cuda data.train=.carry/cache-bench/train.jsonl data.num_workers=14 \
+        > "$OUT/cache_bench.log" 2>&1
+    grep -v 'it/s\]\|step/s\]\|seg/s\]' "$OUT/cache_bench.log" | tail -20
+    ;;
+*)
+    echo "usage: $0 prepare [HOURS] | run [BENCH ARGS...]" >&2
+    exit 2
+    ;;
+esac
