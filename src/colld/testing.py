@@ -180,7 +180,9 @@ def full_size_teacher_dir(name: str, out: Path, *, seed: int = 0) -> Path:
     ``FULL_SIZE_TEACHERS``) saved to ``out``, unless ``out`` already holds one: for timing a
     large teacher where no hub is reachable. Never for results that depend on the weights."""
     if name not in FULL_SIZE_TEACHERS:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {list(FULL_SIZE_TEACHERS)}")
+        raise ValueError(
+            f"unknown architecture {name!r}; expected one of {list(FULL_SIZE_TEACHERS)}"
+        )
     if not (out / "config.json").is_file():
         family, sizes = FULL_SIZE_TEACHERS[name]
         tiny_teacher_dir(family, out, seed=seed, **sizes)

@@ -18,6 +18,8 @@ from colld.config import ConfigError, load_config
 from colld.data.dataset import DistillDataset
 from colld.data.manifest import Utterance, read_manifest, write_manifest
 from colld.data.target_cache import (
+    FEATURES_FILE,
+    FINGERPRINT_FILE,
     INDEX_FILE,
     PROGRESS_FILE,
     PartialCacheError,
@@ -166,12 +168,14 @@ def test_cached_targets_equal_the_teacher_on_the_same_segment(assets, tmp_path: 
         (6.0, 17600),
     ]
     teacher = load_teacher(str(assets["teacher"]))
+    frontend = FrontEnd(teacher.feature_extractor)
     assert cache.layers == cache_teacher_layers(cfg, teacher) == [2, 4]
     for row in cache.rows:
         wave = load_audio(
             assets["audio"] / row["path"], offset_s=row["offset"], duration_s=row["duration"]
         )
         states = _teacher_states(teacher, wave, [2, 4])
+        assert torch.equal(torch.from_numpy(cache.read_features(row["id"])), frontend(wave))
         for layer, cached in cache.read(row["id"]).items():
             assert cached.dtype == np.float16
             reference = states[layer].numpy()
@@ -196,6 +200,64 @@ def test_the_cache_runs_the_teacher_under_the_runs_precision(assets, tmp_path: P
     to_bf16 = (cached - bf16.half().float()).abs().max().item()
     to_fp32 = (cached - fp32).abs().max().item()
     assert to_bf16 < 1e-3 and to_bf16 < to_fp32 / 4
+
+
+def _segments(cache) -> list[Utterance]:
+    utterances = [
+        Utterance(id=f"u{i}", path=f"u{i}.wav", duration=d) for i, d in enumerate(DURATIONS)
+    ]
+    return cache.segment_utterances(utterances)
+
+
+def test_cached_batches_take_the_stored_features_not_the_audio(assets, tmp_path: Path) -> None:
+    build_cache(_config(assets, tmp_path), tmp_path / "cache", progress=False)
+    cache = open_cache(tmp_path / "cache")
+    assert cache.has_features
+    frontend = FrontEnd(load_teacher(str(assets["teacher"])).feature_extractor)
+    segments = _segments(cache)
+    from_audio = DistillDataset(assets["audio"], frontend, max_duration=None)[segments]
+    no_audio = tmp_path / "no-audio"
+    no_audio.mkdir()
+    cached = DistillDataset(no_audio, frontend, max_duration=None, targets=cache)[segments]
+    assert cached.ids == from_audio.ids == [s.id for s in segments] and not cached.skipped
+    assert torch.equal(cached.features, from_audio.features)
+    assert torch.equal(cached.feature_lengths, from_audio.feature_lengths)
+    assert torch.allclose(cached.durations, from_audio.durations)
+    # A cache built before features were stored has no "features" entry: its batches read
+    # (and check) the audio, so without the audio every segment is skipped.
+    path = tmp_path / "cache" / FINGERPRINT_FILE
+    fingerprint = json.loads(path.read_text())
+    del fingerprint["features"]
+    path.write_text(json.dumps(fingerprint))
+    older = open_cache(tmp_path / "cache")
+    assert not older.has_features
+    batch = DistillDataset(assets["audio"], frontend, max_duration=None, targets=older)[segments]
+    assert torch.equal(batch.features, cached.features)
+    skipped = DistillDataset(no_audio, frontend, max_duration=None, targets=older)[segments]
+    assert len(skipped.skipped) == len(segments)
+
+
+def test_a_waveform_family_cache_stores_the_normalised_samples(tmp_path: Path) -> None:
+    teacher = tiny_teacher_dir("hubert", tmp_path / "hubert")
+    audio = write_tones(tmp_path / "audio", (0.5, 1.3), prefix="w")
+    cfg = load_config(
+        None,
+        [
+            f"teacher.spec={teacher}",
+            f"data.train={audio}",
+            f"train.output_dir={tmp_path / 'run'}",
+            *TINY_RUN_OVERRIDES,
+        ],
+    )
+    build_cache(cfg, tmp_path / "cache", progress=False)
+    cache = open_cache(tmp_path / "cache")
+    frontend = FrontEnd(load_teacher(str(teacher)).feature_extractor)
+    assert cache.features == {"dtype": "float32", "dim": None}
+    for row in cache.rows:
+        stored = cache.read_features(row["id"])
+        assert stored.shape == (row["num_samples"],)
+        wave = load_audio(audio / row["path"], offset_s=row["offset"], duration_s=row["duration"])
+        assert torch.equal(torch.from_numpy(stored), frontend(wave))
 
 
 def test_stale_cache_is_refused_naming_the_key(assets, tmp_path: Path, capsys) -> None:
@@ -246,8 +308,9 @@ def test_partial_cache_is_refused_then_completed(assets, tmp_path: Path, monkeyp
     progress = json.loads((partial / PROGRESS_FILE).read_text())
     assert 0 < progress["segments"] < progress["planned"] == 8
     # A kill in the middle of the next chunk leaves uncommitted bytes and rows behind.
-    with layer_file(partial, 2).open("ab") as f:
-        f.write(b"\x00" * 100)
+    for torn in (layer_file(partial, 2), partial / FEATURES_FILE):
+        with torn.open("ab") as f:
+            f.write(b"\x00" * 100)
     with (partial / INDEX_FILE).open("a") as f:
         f.write('{"id": "torn"}\n')
 
@@ -264,6 +327,7 @@ def test_partial_cache_is_refused_then_completed(assets, tmp_path: Path, monkeyp
     assert completed.rows == rebuilt.rows
     for layer in completed.layers:
         assert layer_file(partial, layer).read_bytes() == layer_file(fresh, layer).read_bytes()
+    assert (partial / FEATURES_FILE).read_bytes() == (fresh / FEATURES_FILE).read_bytes()
 
 
 # ---------------------------------------------------------------- training
@@ -276,10 +340,7 @@ def test_cached_step_gives_the_online_loss(assets, tmp_path: Path) -> None:
     objective = DistillObjective.for_encoders(cfg.objective, student, teacher.encoder)
     distiller = Distiller(student, objective)
     frontend = FrontEnd(teacher.feature_extractor)
-    utterances = [
-        Utterance(id=f"u{i}", path=f"u{i}.wav", duration=d) for i, d in enumerate(DURATIONS)
-    ]
-    segments = cache.segment_utterances(utterances)
+    segments = _segments(cache)
     dataset = DistillDataset(assets["audio"], frontend, max_duration=None, targets=cache)
     batch = dataset[[s for s in segments if s.id in ("u2#0", "u4#1", "u4#2")]]
     assert batch.targets[4].shape == (3, 150, 32)

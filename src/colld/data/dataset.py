@@ -11,9 +11,11 @@ cropped part is decoded when the row is longer than ``max_duration``) -> random 
 ``max_duration``, inside the region, seeded by (seed, epoch, utterance id) -> augmentation
 seeded the same way -> front end -> padding.
 
-With a teacher-target cache (``targets``) the rows are the cache's fixed segments: each is
-read exactly (no crop, no augmentation), checked against the cache's sample count, and the
-batch carries the cached targets (``Batch.targets``), padded like the features.
+With a teacher-target cache (``targets``) the rows are the cache's fixed segments, used whole
+(no crop, no augmentation), and the batch carries the cached targets (``Batch.targets``),
+padded like the features. Their features are the cache's (``TargetCache.read_features``: no
+audio decoding, no front end) when it stores them; an older cache without them has each
+segment's audio read exactly and checked against the cache's sample count.
 A file that cannot be used is skipped: one warning line per file and process, and its id and
 reason in ``Batch.skipped`` / ``Batch.skip_reasons`` for the run summary.
 
@@ -104,11 +106,17 @@ class DistillDataset(Dataset):
         skip_reasons: dict[str, str] = {}
         for utt in utterances:
             try:
-                if self.targets is None:
-                    waveform = self.prepare_waveform(utt, epoch)
+                if self.targets is not None and self.targets.has_features:
+                    features.append(torch.from_numpy(self.targets.read_features(utt.id)))
+                    num_samples = self.targets.row(utt.id)["num_samples"]
                 else:
-                    waveform = self.prepare_segment(utt)
-                features.append(self.frontend(waveform))
+                    waveform = (
+                        self.prepare_waveform(utt, epoch)
+                        if self.targets is None
+                        else self.prepare_segment(utt)
+                    )
+                    features.append(self.frontend(waveform))
+                    num_samples = waveform.shape[0]
             except (AudioError, OSError) as err:
                 reason = getattr(err, "reason", "unreadable")
                 skip_reasons[utt.id] = reason
@@ -117,7 +125,7 @@ class DistillDataset(Dataset):
             if self.targets is not None:
                 targets.append(self.targets.read(utt.id))
             ids.append(utt.id)
-            durations.append(waveform.shape[0] / self.frontend.sample_rate)
+            durations.append(num_samples / self.frontend.sample_rate)
         padded, lengths = pad_features(features, getattr(self.frontend, "feature_dim", None))
         batch_targets, target_lengths = None, None
         if self.targets is not None:

@@ -20,6 +20,13 @@ A cache directory holds
     layer_XX.f16       one per cached teacher layer XX: raw little-endian float16,
                        Shape: (N, D_t), N = all frames of all segments; segment rows are
                        [frame_offset, frame_offset + num_frames)
+    features.f32       the front end's output for each segment (what the student sees):
+                       raw little-endian float32, Shape: (M, C), M = all front-end frames
+                       (samples for waveform families, C = 1 there); segment rows are
+                       [feature_offset, feature_offset + num_feature_frames). Cached training
+                       reads them instead of decoding audio and running the front end, which
+                       is what limits a GPU run's data loading. Caches built before this file
+                       existed (no ``features`` in fingerprint.json) read the audio instead.
     progress.json      committed segments and frames, replaced atomically after each chunk
     complete           written last (the summary); its absence means partial
 
@@ -27,7 +34,8 @@ Writing is append-only in index order: a chunk's target bytes are appended and f
 its index rows, then ``progress.json`` is replaced; a rerun truncates everything to the last
 committed progress and continues there, so an interrupted build never leaves a torn segment.
 
-Shape legend: N cached frames, D_t teacher width.
+Shape legend: N cached frames, D_t teacher width, M front-end frames (or samples), C feature
+channels.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ INDEX_FILE = "index.jsonl"
 PROGRESS_FILE = "progress.json"
 COMPLETE_FILE = "complete"
 DTYPE = np.dtype("<f2")
+FEATURES_FILE = "features.f32"
+FEATURE_DTYPE = np.dtype("<f4")
 # Keys of fingerprint.json that must match the run; the rest is provenance (teacher spec,
 # colld version, dtypes, widths) and is recorded only.
 COMPARED_KEYS = (
@@ -187,7 +197,9 @@ class CacheWriter:
     """Appends committed chunks of segments to a cache directory (new or partial).
 
     fingerprint: the full fingerprint (``COMPARED_KEYS`` and provenance); an existing
-        directory must have been started with the same compared values, layers included.
+        directory must have been started with the same compared values, layers included. Its
+        ``features`` entry ({"dtype", "dim"}: C, None for 1-D waveforms) asks for front-end
+        features to be stored too; a partial cache started without them is completed without.
     num_planned: segments the finished cache will hold (for progress and messages).
     dim: D_t, the width of every cached layer.
     """
@@ -199,9 +211,11 @@ class CacheWriter:
         self.layers: list[int] = list(fingerprint["teacher_layers"])
         self.dim = int(dim)
         self.num_planned = int(num_planned)
+        self.features: dict[str, Any] | None = fingerprint.get("features")
         path = self.directory / FINGERPRINT_FILE
         if path.is_file():
             found = _read_json(path)
+            self.features = found.get("features")  # what the directory was started with
             differences = fingerprint_differences(found, fingerprint)
             if found.get("teacher_layers") != self.layers:
                 if self.complete and not differences:  # it holds more layers: fine
@@ -227,6 +241,7 @@ class CacheWriter:
             write_text_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
         progress = self._read_progress()
         self.num_segments, self.num_frames = progress["segments"], progress["frames"]
+        self.num_feature_frames = progress.get("feature_frames", 0)
         self._truncate_to_progress()
         if not self.complete:
             self._write_progress()
@@ -250,6 +265,9 @@ class CacheWriter:
             path = layer_file(self.directory, layer)
             with path.open("ab") as f:
                 f.truncate(self.num_frames * row_bytes)
+        if self.features is not None:
+            with (self.directory / FEATURES_FILE).open("ab") as f:
+                f.truncate(self.num_feature_frames * feature_row_bytes(self.features))
         index = self.directory / INDEX_FILE
         lines = index.read_text(encoding="utf-8").splitlines(True) if index.is_file() else []
         if len(lines) != self.num_segments:
@@ -261,15 +279,27 @@ class CacheWriter:
             write_text_atomic(index, "".join(lines[: self.num_segments]))
 
     def append(
-        self, rows: Sequence[dict[str, Any]], targets: Sequence[dict[int, np.ndarray]]
+        self,
+        rows: Sequence[dict[str, Any]],
+        targets: Sequence[dict[int, np.ndarray]],
+        features: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         """Commit one chunk: ``rows`` (index fields without frame_offset) in index order and,
-        per row, layer -> targets. Shape: (num_frames, D_t) float. A skipped row has none."""
+        per row, layer -> targets, Shape: (num_frames, D_t) float, and (when the cache stores
+        them) its front-end features, Shape: (F, C) or (S,). A skipped row has neither."""
+        if self.features is not None and features is None:
+            raise ValueError(f"{self.directory} stores front-end features: pass them")
         per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        feature_parts: list[np.ndarray] = []
         out_rows = []
-        frames = self.num_frames
-        for row, states in zip(rows, targets, strict=True):
+        frames, feature_frames = self.num_frames, self.num_feature_frames
+        for i, (row, states) in enumerate(zip(rows, targets, strict=True)):
             row = dict(row, frame_offset=frames)
+            if self.features is not None and not row.get("skipped"):
+                values = _feature_rows(features[i], self.features, row["id"])
+                row.update(feature_offset=feature_frames, num_feature_frames=values.shape[0])
+                feature_parts.append(values)
+                feature_frames += values.shape[0]
             if not row.get("skipped"):
                 for layer in self.layers:
                     values = np.asarray(states[layer], dtype=np.float32)
@@ -287,8 +317,11 @@ class CacheWriter:
                     per_layer[layer].append(half)
                 frames += row["num_frames"]
             out_rows.append(row)
-        for layer, parts in per_layer.items():
-            with layer_file(self.directory, layer).open("ab") as f:
+        files = [(layer_file(self.directory, layer), parts) for layer, parts in per_layer.items()]
+        if self.features is not None:
+            files.append((self.directory / FEATURES_FILE, feature_parts))
+        for path, parts in files:
+            with path.open("ab") as f:
                 for part in parts:
                     f.write(part.tobytes())
                 f.flush()
@@ -299,13 +332,14 @@ class CacheWriter:
             f.flush()
             os.fsync(f.fileno())
         self.num_segments += len(out_rows)
-        self.num_frames = frames
+        self.num_frames, self.num_feature_frames = frames, feature_frames
         self._write_progress()
 
     def _write_progress(self) -> None:
         progress = {
             "segments": self.num_segments,
             "frames": self.num_frames,
+            "feature_frames": self.num_feature_frames,
             "planned": self.num_planned,
         }
         write_text_atomic(self.directory / PROGRESS_FILE, json.dumps(progress) + "\n")
@@ -317,6 +351,24 @@ class CacheWriter:
         summary = {"segments": self.num_segments, "frames": self.num_frames}
         write_text_atomic(self.directory / COMPLETE_FILE, json.dumps(summary) + "\n")
         return summary
+
+
+def feature_row_bytes(features: dict[str, Any]) -> int:
+    """Bytes per stored front-end frame (per sample for 1-D waveforms)."""
+    return (features["dim"] or 1) * FEATURE_DTYPE.itemsize
+
+
+def _feature_rows(values: Any, features: dict[str, Any], segment_id: str) -> np.ndarray:
+    """One segment's front-end output as stored rows. Shape: (F, C) or (S,) -> (M, C or 1)."""
+    array = np.asarray(values, dtype=FEATURE_DTYPE)
+    dim = features["dim"]
+    expected = f"(frames, {dim})" if dim else "(samples,)"
+    if array.ndim != (2 if dim else 1) or (dim and array.shape[1] != dim):
+        raise ValueError(
+            f"segment {segment_id}: expected front-end features of Shape {expected}, found "
+            f"{array.shape}"
+        )
+    return array.reshape(array.shape[0], dim or 1)
 
 
 # ---------------------------------------------------------------- reading
@@ -332,13 +384,21 @@ class TargetCache:
         self.sample_rate = int(self.fingerprint["front_end"]["sample_rate"])
         progress = _read_json(self.directory / PROGRESS_FILE)
         self.num_frames = int(progress["frames"])
+        self.features: dict[str, Any] | None = self.fingerprint.get("features")
+        self.num_feature_frames = int(progress.get("feature_frames", 0))
         lines = (self.directory / INDEX_FILE).read_text(encoding="utf-8").splitlines()
         self.rows: list[dict[str, Any]] = [json.loads(line) for line in lines]
         self._by_id = {row["id"]: row for row in self.rows}
         self._maps: dict[int, np.memmap] | None = None
+        self._feature_map: np.memmap | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_feature_map": None}
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the cache stores the segments' front-end features (newer caches do)."""
+        return self.features is not None
 
     @property
     def audio_seconds(self) -> float:
@@ -373,12 +433,37 @@ class TargetCache:
 
     def read(self, segment_id: str, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
         """Targets of one segment (copies). Shape: layer -> (num_frames, D_t) float16."""
-        row = self.row(segment_id)
-        if row.get("skipped"):
-            raise KeyError(f"segment '{segment_id}' was skipped when the cache was built")
+        row = self._usable_row(segment_id)
         maps = self._open_maps()
         start, stop = row["frame_offset"], row["frame_offset"] + row["num_frames"]
         return {layer: np.array(maps[layer][start:stop]) for layer in layers or self.layers}
+
+    def read_features(self, segment_id: str) -> np.ndarray:
+        """Front-end features of one segment (a copy), exactly what the build's front end gave.
+        Shape: (F, C) float32, or (S,) for waveform families."""
+        if self.features is None:
+            raise KeyError(f"the cache {self.directory} stores no front-end features")
+        row = self._usable_row(segment_id)
+        if self._feature_map is None:
+            path, row_bytes = self.directory / FEATURES_FILE, feature_row_bytes(self.features)
+            expected = self.num_feature_frames * row_bytes
+            if path.stat().st_size != expected:
+                raise StaleCacheError(
+                    f"{path} holds {path.stat().st_size} bytes, expected {expected}: the "
+                    "cache is damaged; delete it and rebuild"
+                )
+            width = row_bytes // FEATURE_DTYPE.itemsize
+            shape = (self.num_feature_frames, width)
+            self._feature_map = np.memmap(path, dtype=FEATURE_DTYPE, mode="r", shape=shape)
+        start = row["feature_offset"]
+        values = np.array(self._feature_map[start : start + row["num_feature_frames"]])
+        return values if self.features["dim"] else values[:, 0]
+
+    def _usable_row(self, segment_id: str) -> dict[str, Any]:
+        row = self.row(segment_id)
+        if row.get("skipped"):
+            raise KeyError(f"segment '{segment_id}' was skipped when the cache was built")
+        return row
 
     def segment_utterances(self, utterances: Sequence[Utterance]) -> list[Utterance]:
         """The cached, usable segments of ``utterances`` as manifest rows (metadata from

@@ -49,9 +49,14 @@ def warn_slow_cpu_bf16(mixed_precision: str, device: torch.device) -> None:
         )
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.precision=precision`` means on ``device`` (None: fp32)."""
+    return _AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+
+
 def teacher_autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """The autocast a training run with ``train.precision=precision`` gives its teacher on
     ``device`` (Accelerate's ``autocast()`` for that mixed precision): bf16 / fp16 autocast,
     or a disabled one for fp32."""
-    dtype = _AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+    dtype = autocast_dtype(precision, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -54,7 +54,7 @@ from colld.objectives.layer_map import SOURCE_MAP
 from colld.students.build import resolve_init, resolve_source_map, resolve_student_sizes
 from colld.teachers import LoadedModel, load_teacher
 from colld.train.data_setup import resolve_sources
-from colld.train.precision import teacher_autocast
+from colld.train.precision import autocast_dtype, teacher_autocast
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_fingerprint(
         "teacher_dim": teacher.encoder.hidden_dim,
         "frame_rate": teacher.encoder.frame_rate,
         "dtype": "float16",
-        "teacher_dtype": "float32",
+        "features": {"dtype": "float32", "dim": frontend.feature_dim},
         "colld_version": __version__,
     }
 
@@ -281,6 +281,8 @@ def build_cache(
     layers = sorted(set(layers)) if layers is not None else cache_teacher_layers(cfg, teacher)
     (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
     fingerprint = run_fingerprint(cfg, teacher, layers, utterances, frontend)
+    dtype = autocast_dtype(cfg.train.precision, device)
+    fingerprint["teacher_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
     segments = plan_segments(
         utterances, cfg.data.max_duration, frontend.sample_rate, frontend.min_samples
     )
@@ -347,7 +349,7 @@ def _write_chunk(
             row.update(num_frames=0, skipped=reason)
             targets.append({})
         rows.append(row)
-    writer.append(rows, targets)
+    writer.append(rows, targets, [None if f is None else f.numpy() for _, f, _, _ in chunk])
 
 
 def _summary(directory: Path, built: int, seconds: float) -> CacheSummary:
