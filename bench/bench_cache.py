@@ -18,10 +18,10 @@ size the mission is about; ``--max-hours`` keeps the first hours of the training
 its cache build fits a session.
 
     python bench/bench_cache.py                          # ~2-9 min on 2 CPU cores
-    python bench/bench_cache.py --epoch                  # whole epochs, ~4 min on 2 cores
+    python bench/bench_cache.py --epoch                  # whole epochs, ~2 min on 2 cores
     python bench/bench_cache.py --rounds 4 --cache-dir /tmp/cache --keep   # reuse a cache
     python bench/bench_cache.py --epoch --random-teacher w2v-bert-2.0 --max-hours 0.25 \
-        data.batch_seconds=40 data.num_workers=1        # 580M teacher: ~25 min, ~17 GB RAM
+        data.batch_seconds=40 data.num_workers=1        # 580M teacher: ~15 min, 16 GiB RAM
 """
 
 from __future__ import annotations
