@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from transformers import WhisperFeatureExtractor
 
@@ -405,3 +406,31 @@ def test_augmentation_and_a_cache_are_refused_together(assets, tmp_path: Path) -
         build_cache(_config(assets, tmp_path, "data.augment.enabled=true"), tmp_path / "c")
     with pytest.raises(ConfigError, match="--out"):
         build_cache(_config(assets, tmp_path), None)
+
+
+def test_a_segment_skipped_at_build_keeps_the_others_aligned(tmp_path: Path) -> None:
+    """A file the front end refuses (NaN samples: its header is fine) becomes a skipped row with
+    its reason and no targets or features; the segments after it read their own."""
+    audio = write_tones(tmp_path / "audio", (1.0, 1.5, 2.0), prefix="u")
+    nan = np.full(RATE, np.nan, dtype=np.float32)
+    sf.write(audio / "u1x.wav", nan, RATE, subtype="FLOAT")  # sorts between u1 and u2
+    teacher = tiny_teacher_dir("whisper", tmp_path / "teacher")
+    overrides = [f"teacher.spec={teacher}", f"data.train={audio}", *TINY_RUN_OVERRIDES]
+    summary = build_cache(load_config(None, overrides), tmp_path / "cache", progress=False)
+    assert summary.num_segments == 4 and summary.num_skipped == 1
+    cache = open_cache(tmp_path / "cache")
+    skipped = [r for r in cache.rows if r.get("skipped")]
+    assert [r["id"] for r in skipped] == ["u1x#0"] and "non_finite" in skipped[0]["skipped"]
+    assert "feature_offset" not in skipped[0]
+    frontend = FrontEnd(load_teacher(str(teacher)).feature_extractor)
+    utterances = [
+        Utterance(id=f"u{i}", path=f"u{i}.wav", duration=d)
+        for i, d in zip((0, 1, 2), (1.0, 1.5, 2.0), strict=True)
+    ] + [Utterance(id="u1x", path="u1x.wav", duration=1.0)]
+    segments = cache.segment_utterances(utterances)
+    assert [s.id for s in segments] == ["u0#0", "u1#0", "u2#0"]
+    with pytest.raises(KeyError, match="skipped"):
+        cache.read_features("u1x#0")
+    for segment in segments:
+        wave = load_audio(audio / segment.path)
+        assert torch.equal(torch.from_numpy(cache.read_features(segment.id)), frontend(wave))
