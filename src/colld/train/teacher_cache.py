@@ -13,9 +13,11 @@ augmentation on, and ``build_cache`` refuses to build).
 
 The teacher runs where and as the run would run it online: on CUDA when the run would use it,
 under the autocast of the run's ``train.precision`` (``colld.train.precision``: bf16 on a
-native-bf16 CPU or a bf16 GPU by default, fp32 elsewhere); targets are stored as float16. The
-precision is recorded in the build config (``build_config.yaml``) but is not part of the
-fingerprint: it changes the targets by rounding only, as it changes an online run's.
+native-bf16 CPU or a bf16 GPU by default, fp32 elsewhere); targets are stored as float16, and
+each segment's front-end output (what the student sees) as float32 beside them, so cached
+training decodes no audio. The precision is recorded (``teacher_dtype`` in fingerprint.json,
+``build_config.yaml``) but not compared: it changes the targets by rounding only, as it
+changes an online run's.
 """
 
 from __future__ import annotations
