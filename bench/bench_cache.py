@@ -42,7 +42,7 @@ import torch
 from colld.config import RunConfig, load_config
 from colld.data.manifest import write_manifest
 from colld.testing import FULL_SIZE_TEACHERS, full_size_teacher_dir
-from colld.train.data_setup import resolve_sources
+from colld.train.data_setup import first_hours, resolve_sources
 from colld.train.recipe import Run, setup, train_update
 from colld.train.teacher_cache import build_cache
 
@@ -135,13 +135,10 @@ def main() -> None:
 def _first_hours(cfg: RunConfig, hours: float, work: Path) -> Path:
     """A manifest of the first ``hours`` of ``cfg``'s training data (absolute paths)."""
     (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
-    kept, seconds = [], 0.0
-    for utterance in utterances:
-        if seconds >= hours * 3600:
-            break
-        path = os.path.abspath(utterance.resolved_path(root))  # root may be relative
-        kept.append(dataclasses.replace(utterance, path=path))
-        seconds += utterance.duration
+    kept = [
+        dataclasses.replace(u, path=os.path.abspath(u.resolved_path(root)))  # root: maybe relative
+        for u in first_hours(utterances, hours)
+    ]
     return write_manifest(kept, work / "train-first-hours.jsonl")
 
 

@@ -30,23 +30,20 @@ import dataclasses, shutil, sys
 from pathlib import Path
 from colld.config import load_config
 from colld.data.manifest import write_manifest
-from colld.train.data_setup import resolve_sources
+from colld.train.data_setup import first_hours, resolve_sources
 
 hours, out = float(sys.argv[1]), Path(".carry/cache-bench")
 cfg = load_config(None, [])
 (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
 shutil.rmtree(out, ignore_errors=True)
 (out / "audio").mkdir(parents=True)
-kept, seconds = [], 0.0
-for u in utterances:
-    if seconds >= hours * 3600:
-        break
+kept = []
+for u in first_hours(utterances, hours):
     src = u.resolved_path(root)
     shutil.copy2(src, out / "audio" / src.name)
     kept.append(dataclasses.replace(u, path=f"audio/{src.name}"))
-    seconds += u.duration
 write_manifest(kept, out / "train.jsonl")
-print(f"{len(kept)} utterances, {seconds / 3600:.3f} h -> {out}")
+print(f"{len(kept)} utterances, {sum(u.duration for u in kept) / 3600:.3f} h -> {out}")
 
 import torch
 from colld.teachers import load_teacher

@@ -416,19 +416,11 @@ class TargetCache:
 
     def _open_maps(self) -> dict[int, np.memmap]:
         if self._maps is None:
-            self._maps = {}
-            for layer in self.layers:
-                path = layer_file(self.directory, layer)
-                expected = self.num_frames * self.dim * DTYPE.itemsize
-                if path.stat().st_size != expected:
-                    raise StaleCacheError(
-                        f"{path} holds {path.stat().st_size} bytes, expected {expected}: the "
-                        "cache is damaged; delete it and rebuild"
-                    )
-                if self.num_frames:
-                    self._maps[layer] = np.memmap(
-                        path, dtype=DTYPE, mode="r", shape=(self.num_frames, self.dim)
-                    )
+            shape = (self.num_frames, self.dim)
+            self._maps = {
+                layer: _memmap(layer_file(self.directory, layer), DTYPE, shape)
+                for layer in self.layers
+            }
         return self._maps
 
     def read(self, segment_id: str, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
@@ -445,16 +437,9 @@ class TargetCache:
             raise KeyError(f"the cache {self.directory} stores no front-end features")
         row = self._usable_row(segment_id)
         if self._feature_map is None:
-            path, row_bytes = self.directory / FEATURES_FILE, feature_row_bytes(self.features)
-            expected = self.num_feature_frames * row_bytes
-            if path.stat().st_size != expected:
-                raise StaleCacheError(
-                    f"{path} holds {path.stat().st_size} bytes, expected {expected}: the "
-                    "cache is damaged; delete it and rebuild"
-                )
-            width = row_bytes // FEATURE_DTYPE.itemsize
+            width = feature_row_bytes(self.features) // FEATURE_DTYPE.itemsize
             shape = (self.num_feature_frames, width)
-            self._feature_map = np.memmap(path, dtype=FEATURE_DTYPE, mode="r", shape=shape)
+            self._feature_map = _memmap(self.directory / FEATURES_FILE, FEATURE_DTYPE, shape)
         start = row["feature_offset"]
         values = np.array(self._feature_map[start : start + row["num_feature_frames"]])
         return values if self.features["dim"] else values[:, 0]
@@ -478,6 +463,20 @@ class TargetCache:
             base = by_id[row["utterance_id"]]
             out.append(replace(base, id=row["id"], offset=row["offset"], duration=row["duration"]))
         return out
+
+
+def _memmap(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> np.memmap:
+    """A read-only map of a raw cache file of ``shape`` rows; a file of another size is
+    refused as damaged. An empty file maps as an empty array (np.memmap refuses size 0)."""
+    expected = shape[0] * shape[1] * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise StaleCacheError(
+            f"{path} holds {path.stat().st_size} bytes, expected {expected}: the cache is "
+            "damaged; delete it and rebuild"
+        )
+    if not expected:
+        return np.zeros(shape, dtype=dtype)  # type: ignore[return-value]
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
 def cache_progress(directory: str | Path) -> dict[str, int]:

@@ -108,15 +108,22 @@ def take_hours(utterances: Sequence[Utterance], hours: float, source: str) -> li
             f"data.train_hours = {hours:g} but the training data ({source}) holds only "
             f"{total:.3f} h in {len(utterances)} utterances; ask for at most that, or use more data"
         )
-    order = list(range(len(utterances)))
-    random.Random(SUBSET_SEED).shuffle(order)
-    kept, seconds = set(), 0.0
-    for i in order:
+    shuffled = list(utterances)
+    random.Random(SUBSET_SEED).shuffle(shuffled)
+    kept = {id(u) for u in first_hours(shuffled, hours)}
+    return [u for u in utterances if id(u) in kept]
+
+
+def first_hours(utterances: Sequence[Utterance], hours: float) -> list[Utterance]:
+    """The shortest prefix of ``utterances`` (in their order) holding >= ``hours`` of audio;
+    all of them when they hold less."""
+    kept, seconds = [], 0.0
+    for utterance in utterances:
         if seconds >= hours * 3600:
             break
-        kept.add(i)
-        seconds += utterances[i].duration
-    return [u for i, u in enumerate(utterances) if i in kept]
+        kept.append(utterance)
+        seconds += utterance.duration
+    return kept
 
 
 def calibration_batches(
