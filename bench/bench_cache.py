@@ -15,7 +15,8 @@ per epoch, after the warm-up), so the epoch time is measured, not estimated.
 ``--random-teacher w2v-bert-2.0`` times a teacher of that published architecture with random
 weights (``colld.testing.full_size_teacher_dir``; speed does not depend on the weights), the
 size the mission is about; ``--max-hours`` keeps the first hours of the training data so that
-its cache build fits a session.
+its cache build fits a session. On a GPU it also prints each run's GPU memory (a run whose
+targets all come from the cache keeps its teacher on the CPU).
 
     python bench/bench_cache.py                          # ~2-9 min on 2 CPU cores
     python bench/bench_cache.py --epoch                  # whole epochs, ~2 min on 2 cores
@@ -43,16 +44,39 @@ from colld.config import RunConfig, load_config
 from colld.data.manifest import write_manifest
 from colld.testing import FULL_SIZE_TEACHERS, full_size_teacher_dir
 from colld.train.data_setup import first_hours, resolve_sources
-from colld.train.recipe import Run, setup, train_update
+from colld.train.recipe import Run, evaluate_dev, setup, train_update
 from colld.train.teacher_cache import build_cache
 
 
-def timed_update(run: Run) -> tuple[float, float]:
-    """(seconds, audio seconds) of one optimizer update of ``run``."""
+def timed_update(run: Run, peaks: list[int]) -> tuple[float, float]:
+    """(seconds, audio seconds) of one optimizer update of ``run``; on CUDA, appends to
+    ``peaks`` the bytes the update allocated above what was resident before it."""
+    resident = _reset_peak()
     audio0, t0 = run.state.audio_seconds, time.perf_counter()
     train_update(run)
     run.state.step += 1
-    return time.perf_counter() - t0, run.state.audio_seconds - audio0
+    seconds = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated() - resident)
+    return seconds, run.state.audio_seconds - audio0
+
+
+def timed_dev(run: Run) -> float | None:
+    """Seconds of one dev evaluation of ``run`` (None: the run has no dev data)."""
+    if run.dev is None:
+        return None
+    t0 = time.perf_counter()
+    evaluate_dev(run)
+    return time.perf_counter() - t0
+
+
+def _reset_peak() -> int:
+    """Bytes allocated on the GPU now (0 without one), with the peak counter reset."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def main() -> None:
@@ -91,13 +115,16 @@ def main() -> None:
     load_start = os.getloadavg()
     try:
         summary = build_cache(online_cfg, cache_dir)
-        runs = {
-            "online": setup(online_cfg, resume=False),
-            "cached": setup(cached_cfg, resume=False),
-        }
-        for run in runs.values():
+        runs: dict[str, Run] = {}
+        held: dict[str, int] = {}  # GPU bytes each run keeps after setup (weights)
+        for name, cfg in (("online", online_cfg), ("cached", cached_cfg)):
+            before = _reset_peak()
+            runs[name] = setup(cfg, resume=False)
+            held[name] = _reset_peak() - before
+        peaks: dict[str, list[int]] = {name: [] for name in runs}
+        for name, run in runs.items():
             for _ in range(args.warmup):
-                timed_update(run)
+                timed_update(run, peaks[name])
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         updates = {
             name: run.train.sampler.num_batches(0) if args.epoch else args.rounds
@@ -109,7 +136,7 @@ def main() -> None:
             order = list(runs) if index % 2 == 0 else list(runs)[::-1]
             for name in order:
                 if index < updates[name]:
-                    times[name].append(timed_update(runs[name]))
+                    times[name].append(timed_update(runs[name], peaks[name]))
         rows = {
             name: _row(name, run, times[name], online_cfg, args.epoch) for name, run in runs.items()
         }
@@ -119,10 +146,14 @@ def main() -> None:
                 times["online"], times["cached"], strict=False
             )
         ]
+        dev_seconds = {name: timed_dev(run) for name, run in runs.items()}
         for run in runs.values():
             run.logger.close()
             run.train.close()
         print_table(rows, summary, paired, args, load_start, os.getloadavg())
+        print_dev(rows, dev_seconds, online_cfg.train.eval_every)
+        if torch.cuda.is_available():
+            print_memory(held, peaks)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -203,6 +234,39 @@ def print_table(rows, summary, paired, args, load_start, load_end) -> None:
     saved = online["epoch_s"] - cached["epoch_s"]
     if summary.built and saved > 0:
         print(f"the build pays for itself after {summary.build_seconds / saved:.1f} epochs")
+
+
+def print_dev(rows: dict, dev_seconds: dict[str, float | None], eval_every: int) -> None:
+    """One dev evaluation per run, and the epoch speed-up with the recipe's evaluations (one
+    every ``eval_every`` updates) spread over the epochs."""
+    online, cached = dev_seconds["online"], dev_seconds["cached"]
+    if online is None or cached is None:
+        print("dev evaluation: not timed (no dev data)")
+        return
+    print(f"dev evaluation: online {online:.1f} s, cached {cached:.1f} s")
+    if eval_every > 0:
+        epochs = {
+            name: r["epoch_s"] + dev_seconds[name] * r["batches"] / eval_every
+            for name, r in rows.items()
+        }
+        print(
+            f"s/epoch with one dev evaluation every {eval_every} updates: online "
+            f"{epochs['online']:.0f}, cached {epochs['cached']:.0f} = "
+            f"{epochs['online'] / epochs['cached']:.2f}x"
+        )
+
+
+def print_memory(held: dict[str, int], peaks: dict[str, list[int]]) -> None:
+    """GPU memory per run: what setup left resident (the online run's teacher weights among
+    it; a fully cached run keeps its teacher on the CPU) and the most one update allocated on
+    top (the online run's teacher forward among it)."""
+    print(f"\nGPU memory ({torch.cuda.get_device_name()}), MB")
+    print("| run | resident after setup | peak above resident per update (max) | sum |")
+    print("|---|---|---|---|")
+    for name in held:
+        peak = max(peaks[name], default=0)
+        total = (held[name] + peak) / 1e6
+        print(f"| {name} | {held[name] / 1e6:.0f} | {peak / 1e6:.0f} | {total:.0f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,11 @@ def test_bench_cache_times_whole_epochs_of_a_subset(tmp_path: Path) -> None:
 
     teacher = tiny_teacher_dir("whisper", tmp_path / "teacher")
     audio = write_tones(tmp_path / "audio", [2.0, 2.5, 1.5, 3.0, 2.2, 2.8, 1.9, 2.4])
+    dev = write_tones(tmp_path / "dev", [1.0, 2.0], prefix="dev")
     argv = [
         sys.executable, str(REPO / "bench" / "bench_cache.py"), "--epoch", "--max-hours",
-        str(12 / 3600), f"teacher.spec={teacher}", f"data.train={audio}", *TINY_RUN_OVERRIDES,
+        str(12 / 3600), f"teacher.spec={teacher}", f"data.train={audio}", f"data.dev={dev}",
+        *TINY_RUN_OVERRIDES, "train.eval_every=4",
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -44,3 +47,7 @@ def test_bench_cache_times_whole_epochs_of_a_subset(tmp_path: Path) -> None:
     assert rows["online"][2].strip() == "6" and rows["cached"][2].strip() == "6"
     assert "s/epoch (measured)" in rows["run"][-2]
     assert "speed-up per epoch (s/epoch (measured))" in done.stdout
+    # One dev evaluation per run (the cached one from the cache's dev part), spread over the
+    # epochs at the recipe's cadence.
+    assert re.search(r"dev evaluation: online \d+\.\d s, cached \d+\.\d s", done.stdout)
+    assert re.search(r"one dev evaluation every 4 updates: .* = \d+\.\d\dx", done.stdout)

@@ -68,7 +68,9 @@ class DataConfig:
     targets from it instead of running the teacher, on the cache's fixed segments (utterances
     cut into ``max_duration`` pieces, used whole: no random crops). A cache built for another
     teacher, layers, front end, ``max_duration`` or data is refused, as is a partial one.
-    Needs augmentation off. None = run the teacher online."""
+    The dev loss reads the cache's dev part the same way; when every target comes from the
+    cache the teacher stays on the CPU (it is not moved to the training device). Needs
+    augmentation off. None = run the teacher online."""
 
 
 @dataclass(kw_only=True)

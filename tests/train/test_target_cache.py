@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from colld.config import ConfigError, load_config
 from colld.data.dataset import DistillDataset
 from colld.data.manifest import Utterance, read_manifest, write_manifest
 from colld.data.target_cache import (
+    BUILD_CONFIG_FILE,
+    DEV_DIR,
     FEATURES_FILE,
     FINGERPRINT_FILE,
     INDEX_FILE,
@@ -34,6 +38,7 @@ from colld.objectives.objective import DistillObjective
 from colld.students.build import build_student
 from colld.teachers import load_teacher
 from colld.testing import TINY_RUN_OVERRIDES, tiny_teacher_dir, write_tones
+from colld.train import step as step_module
 from colld.train import teacher_cache
 from colld.train.data_setup import resolve_sources
 from colld.train.step import Distiller, distill_loss, step_generator
@@ -41,6 +46,7 @@ from colld.train.teacher_cache import build_cache, cache_teacher_layers, open_ru
 
 RATE = 16000
 DURATIONS = (0.8, 1.2, 2.0, 2.5, 7.1, 1.5)  # u4 (7.1 s) becomes segments of 3 + 3 + 1.1 s
+DEV_DURATIONS = (1.0, 4.0)  # d1 becomes segments of 3 + 1 s
 
 
 def _teacher(out: Path, seed: int = 0) -> Path:
@@ -54,6 +60,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "teacher": _teacher(root / "teacher"),
         "other_teacher": _teacher(root / "other-teacher", seed=1),
         "audio": write_tones(root / "audio", DURATIONS, prefix="u"),
+        "dev": write_tones(root / "dev", DEV_DURATIONS, prefix="d", seed=1),
+        "other_dev": write_tones(root / "other-dev", (1.0,), prefix="d", seed=2),
     }
 
 
@@ -434,3 +442,79 @@ def test_a_segment_skipped_at_build_keeps_the_others_aligned(tmp_path: Path) -> 
     for segment in segments:
         wave = load_audio(audio / segment.path)
         assert torch.equal(torch.from_numpy(cache.read_features(segment.id)), frontend(wave))
+
+
+# ---------------------------------------------------------------- the dev part
+def test_the_dev_data_are_cached_beside_the_training_data(assets, tmp_path: Path, capsys) -> None:
+    cfg = _config(assets, tmp_path, f"data.dev={assets['dev']}", "train.precision=fp32")
+    cache = tmp_path / "cache"
+    summary = build_cache(cfg, cache, progress=False)
+    assert summary.num_segments == 8 and summary.dev is not None
+    assert summary.dev.directory == cache / DEV_DIR and summary.dev.num_segments == 3
+    assert any(line.startswith("dev: 3 segments") for line in summary.lines())
+    dev = open_cache(cache / DEV_DIR)
+    assert [(r["id"], r["num_samples"]) for r in dev.rows] == [
+        ("d0#0", 16000),
+        ("d1#0", 48000),
+        ("d1#1", 16000),
+    ]
+    assert dev.layers == [2, 4] and not (cache / DEV_DIR / BUILD_CONFIG_FILE).exists()
+    teacher = load_teacher(str(assets["teacher"]))
+    wave = load_audio(assets["dev"] / "d1.wav", offset_s=3.0, duration_s=1.0)
+    reference = _teacher_states(teacher, wave, [4])[4].numpy()
+    cached = dev.read("d1#1")[4].astype(np.float32)
+    np.testing.assert_allclose(cached, reference, rtol=2e-3, atol=2e-3)
+    # The training part is a cache of its own: the nested directory does not disturb it.
+    assert len(open_cache(cache).rows) == 8
+    # A cache built before dev was cached: a rerun adds the dev part only.
+    shutil.rmtree(cache / DEV_DIR)
+    again = build_cache(cfg, cache, progress=False)
+    assert again.built == 0 and again.dev is not None and again.dev.built == 3
+    # Another run's dev data: refused, naming the data; a partial dev part names the command
+    # that completes it, which is the training cache's build.
+    other = _config(assets, tmp_path, f"data.dev={assets['other_dev']}")
+    teacher_layers = cache_teacher_layers(other, teacher)
+    (dev_utts, _) = resolve_sources(other.data, 0)[1]
+    with pytest.raises(StaleCacheError, match="data"):
+        open_run_cache(replace_cache(other, cache), teacher, teacher_layers, dev_utts, dev=True)
+    (cache / DEV_DIR / "complete").unlink()
+    with pytest.raises(PartialCacheError) as err:
+        open_cache(cache / DEV_DIR)
+    assert f"--config {cache / BUILD_CONFIG_FILE} --out {cache}" in str(err.value)
+
+
+def replace_cache(cfg, cache: Path):
+    """``cfg`` with ``data.target_cache`` = ``cache``."""
+    return replace(cfg, data=replace(cfg.data, target_cache=str(cache)))
+
+
+def test_a_fully_cached_run_never_runs_the_teacher(
+    assets, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """Training and dev targets from the cache: the teacher is never run, and stays on the CPU.
+    A cache without its dev part still serves, with the dev loss computed online."""
+    dev = (f"data.dev={assets['dev']}", "train.eval_every=2")
+    cache = tmp_path / "cache"
+    assert _cli(assets, tmp_path, "cache-teacher", "--out", str(cache), *dev) == 0
+    runs: list[int] = []
+    real = step_module.teacher_targets
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "teacher_targets", counted)
+    use = (f"data.target_cache={cache}", *dev, "train.max_steps=2")
+    with caplog.at_level(logging.INFO, logger="colld"):
+        assert _cli(assets, tmp_path, "distill", *use) == 0
+    assert runs == [] and "the teacher stays on the CPU" in caplog.text
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dev_losses = [r["dev/loss"] for r in rows if "dev/loss" in r]
+    assert len(dev_losses) == 2 and all(np.isfinite(dev_losses))  # steps 0 and 2
+
+    shutil.rmtree(cache / DEV_DIR)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="colld"):
+        assert _cli(assets, tmp_path, "distill", *use, run="older-cache") == 0
+    assert runs and "holds no dev targets" in caplog.text
+    assert "the teacher stays on the CPU" not in caplog.text

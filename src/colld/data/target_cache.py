@@ -29,6 +29,10 @@ A cache directory holds
                        existed (no ``features`` in fingerprint.json) read the audio instead.
     progress.json      committed segments and frames, replaced atomically after each chunk
     complete           written last (the summary); its absence means partial
+    dev/               the dev split's cache, the same layout (its own fingerprint and
+                       segments, no build_config.yaml): ``colld cache-teacher`` builds it after
+                       the training data's, so that a cached run computes its dev loss without
+                       the teacher too (``colld.train.teacher_cache``)
 
 Writing is append-only in index order: a chunk's target bytes are appended and fsynced, then
 its index rows, then ``progress.json`` is replaced; a rerun truncates everything to the last
@@ -62,6 +66,7 @@ BUILD_CONFIG_FILE = "build_config.yaml"
 INDEX_FILE = "index.jsonl"
 PROGRESS_FILE = "progress.json"
 COMPLETE_FILE = "complete"
+DEV_DIR = "dev"
 DTYPE = np.dtype("<f2")
 FEATURES_FILE = "features.f32"
 FEATURE_DTYPE = np.dtype("<f4")
@@ -177,6 +182,10 @@ def fingerprint_differences(found: dict[str, Any], expected: dict[str, Any]) -> 
 
 
 def complete_command(directory: Path) -> str:
+    """The command that completes the partial cache in ``directory``: the build of its parent
+    for a nested dev cache (``DEV_DIR``), which is built with the training data's."""
+    if directory.name == DEV_DIR and (directory.parent / BUILD_CONFIG_FILE).is_file():
+        directory = directory.parent
     return f"colld cache-teacher --config {directory / BUILD_CONFIG_FILE} --out {directory}"
 
 

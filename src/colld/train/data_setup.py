@@ -198,13 +198,16 @@ def build_data(
     *,
     sources: Sources | None = None,
     target_cache: TargetCache | None = None,
+    dev_cache: TargetCache | None = None,
     crop: bool = True,
 ) -> tuple[BatchStream, BatchStream | None]:
     """Loaders for this process' share of the training data and for the dev data.
 
     sources: ``resolve_sources(cfg, seed)`` when already called (None = call it here).
     target_cache: an opened, verified cache of the training data; training batches are then
-        its segments, whole, with their cached targets. Dev data always runs the teacher.
+        its segments, whole, with their cached targets.
+    dev_cache: the same for the dev data (``colld.train.teacher_cache.open_dev_cache``); None =
+        dev batches are the dev utterances (cropped like training's) and need the teacher.
     crop: cut utterances longer than ``cfg.max_duration`` to random segments (distillation);
         False = always whole (fine-tuning on transcripts, whose caller drops long ones).
     """
@@ -258,8 +261,18 @@ def build_data(
     dev_stream = None
     if dev is not None:
         dev_utts, dev_root = dev
+        cached: dict[str, Any] = {}
+        if dev_cache is not None:  # its segments, whole
+            dev_utts = dev_cache.segment_utterances(dev_utts)
+            cached = {"targets": dev_cache, "max_duration": None}
         dev_loader, dev_sampler = make_loader(
-            dev_utts, dev_root, frontend, num_workers=0, augment=None, num_epochs=1, **common
+            dev_utts,
+            dev_root,
+            frontend,
+            num_workers=0,
+            augment=None,
+            num_epochs=1,
+            **{**common, **cached},
         )
         dev_stream = BatchStream(dev_loader, dev_sampler)
     return BatchStream(loader, sampler), dev_stream

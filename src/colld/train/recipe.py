@@ -69,7 +69,7 @@ from colld.train.metrics import (
 )
 from colld.train.precision import resolve_precision, warn_slow_cpu_bf16
 from colld.train.step import Distiller, distill_loss, step_generator
-from colld.train.teacher_cache import open_run_cache
+from colld.train.teacher_cache import open_dev_cache, open_run_cache
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +254,11 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
             head_channels=None if plan is None else plan.residual.tolist(),
         )
     _log_sizes(teacher.encoder, student, objective)
-    target_cache = None
+    target_cache = dev_cache = None
     if cfg.data.target_cache is not None:
         target_cache = open_run_cache(cfg, teacher, objective.teacher_layers, sources[0][0])
+        if sources[1] is not None:
+            dev_cache = open_dev_cache(cfg, teacher, objective.teacher_layers, sources[1][0])
     train, dev = build_data(
         cfg.data,
         teacher.feature_extractor,
@@ -264,8 +266,14 @@ def setup(cfg: RunConfig, *, resume: bool) -> Run:
         accelerator,
         sources=sources,
         target_cache=target_cache,
+        dev_cache=dev_cache,
     )
-    teacher.encoder.to(accelerator.device)
+    if target_cache is not None and (dev is None or dev_cache is not None):
+        # Every target comes from the cache: the teacher never runs (it still gives frame
+        # counts, arithmetic on the lengths), so it stays off the training device.
+        log.info("all teacher targets come from the cache: the teacher stays on the CPU")
+    else:
+        teacher.encoder.to(accelerator.device)
     started = start_training(cfg, accelerator, Distiller(student, objective), train, checkpoint)
     return Run(
         cfg=cfg,

@@ -2,8 +2,12 @@
 
 ``build_cache`` runs the frozen teacher once over the fixed segments of the run's training data
 (``colld.data.target_cache.plan_segments``) and stores the targets of the teacher layers the
-run's objective maps to; ``open_run_cache`` opens a cache for training after checking that it
-holds exactly what this run would compute online. The fingerprint (``run_fingerprint``)
+run's objective maps to, then does the same for the run's dev data in the nested ``dev/``
+directory; ``open_run_cache`` (``open_dev_cache``) opens a cache for training (the dev loss)
+after checking that it holds exactly what this run would compute online. A run whose targets
+all come from the cache never runs the teacher, so the teacher is not moved to the training
+device (on a GPU, its memory is the student's); a cache built before dev was cached still
+serves training, with the dev loss computed online. The fingerprint (``run_fingerprint``)
 covers: the teacher's weight fingerprint, the target kind (hidden / ffn), the teacher layers,
 the front end (kind, rate, minimum clip, the feature extractor's settings), the segment length
 (``data.max_duration``), the training data (count and hash of id, path, offset, duration) and
@@ -42,10 +46,13 @@ from colld.data.batch import pad_features
 from colld.data.manifest import Utterance
 from colld.data.target_cache import (
     BUILD_CONFIG_FILE,
+    DEV_DIR,
+    FINGERPRINT_FILE,
     FORMAT_VERSION,
     CacheWriter,
     Segment,
     TargetCache,
+    complete_command,
     data_record,
     directory_bytes,
     open_cache,
@@ -120,12 +127,19 @@ def run_fingerprint(
 
 
 def open_run_cache(
-    cfg: RunConfig, teacher: LoadedModel, teacher_layers: list[int], utterances: list[Utterance]
+    cfg: RunConfig,
+    teacher: LoadedModel,
+    teacher_layers: list[int],
+    utterances: list[Utterance],
+    *,
+    dev: bool = False,
 ) -> TargetCache:
-    """Open ``cfg.data.target_cache`` for training; raises StaleCacheError / PartialCacheError."""
+    """Open ``cfg.data.target_cache`` (``dev``: its dev part, ``DEV_DIR``) for the run whose
+    training (dev) data are ``utterances``; raises StaleCacheError / PartialCacheError."""
     frontend = FrontEnd(teacher.feature_extractor)
     expected = run_fingerprint(cfg, teacher, teacher_layers, utterances, frontend)
-    cache = open_cache(cfg.data.target_cache, expected)
+    directory = Path(cfg.data.target_cache) / (DEV_DIR if dev else "")
+    cache = open_cache(directory, expected)
     log.info(
         "teacher-target cache %s: %d segments, %.2f h, layers %s",
         cache.directory,
@@ -134,6 +148,23 @@ def open_run_cache(
         cache.layers,
     )
     return cache
+
+
+def open_dev_cache(
+    cfg: RunConfig, teacher: LoadedModel, teacher_layers: list[int], utterances: list[Utterance]
+) -> TargetCache | None:
+    """The dev part of ``cfg.data.target_cache`` for the dev data ``utterances``; None (with a
+    log line) for a cache built before dev was cached: such a run's dev loss runs the teacher.
+    Raises StaleCacheError / PartialCacheError as ``open_run_cache``."""
+    if not (Path(cfg.data.target_cache) / DEV_DIR / FINGERPRINT_FILE).is_file():
+        log.warning(
+            "the teacher-target cache %s holds no dev targets (built before colld cached dev): "
+            "dev loss runs the teacher, which stays on the training device; add them with: %s",
+            cfg.data.target_cache,
+            complete_command(Path(cfg.data.target_cache)),
+        )
+        return None
+    return open_run_cache(cfg, teacher, teacher_layers, utterances, dev=True)
 
 
 @dataclass
@@ -147,6 +178,7 @@ class CacheSummary:
     num_bytes: int
     built: int
     build_seconds: float
+    dev: CacheSummary | None = None  # the dev split's cache (``DEV_DIR``), when the run has dev
 
     @property
     def mb_per_hour(self) -> float:
@@ -159,6 +191,16 @@ class CacheSummary:
             f"in {self.build_seconds:.1f} s",
             f"size on disk: {self.num_bytes / 1e6:.1f} MB for {self.audio_hours:.3f} h of audio "
             f"= {self.mb_per_hour:.0f} MB per hour",
+            *(
+                []
+                if self.dev is None
+                else [
+                    f"dev: {self.dev.num_segments} segments ({self.dev.num_skipped} skipped), "
+                    f"{self.dev.built} built now in {self.dev.build_seconds:.1f} s, "
+                    f"{self.dev.num_bytes / 1e6:.1f} MB in "
+                    f"{self.dev.directory}"
+                ]
+            ),
         ]
 
 
@@ -257,12 +299,14 @@ def build_cache(
     layers: list[int] | None = None,
 ) -> CacheSummary:
     """Build (or complete) the teacher-target cache of ``cfg``'s training data in ``out_dir``
-    (default ``data.target_cache``). Idempotent: a complete cache is left as it is; a partial
-    one continues after its last committed chunk. ``chunk_seconds``: audio per committed
-    chunk (default 4 x ``data.batch_seconds``). Raises ConfigError with augmentation on and
-    StaleCacheError when ``out_dir`` holds a cache built for another config. ``layers``: the
-    teacher layers to store (None = those ``cfg``'s objective maps to); a superset lets runs
-    with other layer maps share the cache (``colld experiment`` stores its grid's union)."""
+    (default ``data.target_cache``), then that of its dev data (if the run has any) in
+    ``out_dir/dev``. Idempotent: a complete cache is left as it is; a partial one continues
+    after its last committed chunk (so rerunning on a cache built before dev was cached adds
+    the dev part). ``chunk_seconds``: audio per committed chunk (default 4 x
+    ``data.batch_seconds``). Raises ConfigError with augmentation on and StaleCacheError when
+    ``out_dir`` holds a cache built for another config. ``layers``: the teacher layers to store
+    (None = those ``cfg``'s objective maps to); a superset lets runs with other layer maps
+    share the cache (``colld experiment`` stores its grid's union)."""
     out = out_dir if out_dir is not None else cfg.data.target_cache
     if out is None:
         raise ConfigError("no cache directory: give --out DIR or set data.target_cache")
@@ -272,49 +316,71 @@ def build_cache(
             "cannot cache teacher targets with data.augment.enabled: augmented audio changes "
             "every epoch (turn augmentation off to use the cache)"
         )
-    device = _device(cfg)
     if teacher is None:
         teacher = load_teacher(
             cfg.teacher.spec,
             trust_remote_code=cfg.teacher.trust_remote_code,
             revision=cfg.teacher.revision,
         )
-    frontend = FrontEnd(teacher.feature_extractor)
     layers = sorted(set(layers)) if layers is not None else cache_teacher_layers(cfg, teacher)
-    (utterances, root), _ = resolve_sources(cfg.data, cfg.train.seed)
-    fingerprint = run_fingerprint(cfg, teacher, layers, utterances, frontend)
-    dtype = autocast_dtype(cfg.train.precision, device)
-    fingerprint["teacher_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
-    segments = plan_segments(
-        utterances, cfg.data.max_duration, frontend.sample_rate, frontend.min_samples
-    )
-    writer = CacheWriter(out, fingerprint, len(segments), teacher.encoder.hidden_dim)
-    started, start_segment = time.perf_counter(), writer.num_segments
-    if not writer.complete:
-        dump_config(cfg, out / BUILD_CONFIG_FILE)
-        if start_segment:
-            log.info("completing %s from segment %d of %d", out, start_segment, len(segments))
-        teacher.encoder.to(device).eval()
-        chunks = _chunks(segments, start_segment, chunk_seconds or 4 * cfg.data.batch_seconds)
-        loader = DataLoader(
-            _ChunkDataset(chunks, root, frontend),
-            batch_size=None,
-            num_workers=cfg.data.num_workers,
-            collate_fn=_identity,
+    train, dev = resolve_sources(cfg.data, cfg.train.seed)
+    part = _CachePart(cfg, teacher, layers, _device(cfg), chunk_seconds, progress)
+    summary = part.build(out, *train, desc="teacher targets")
+    if dev is not None:
+        summary.dev = part.build(out / DEV_DIR, *dev, desc="dev targets")
+    return summary
+
+
+@dataclass
+class _CachePart:
+    """Builds the cache of one split (training or dev data) with one teacher and settings."""
+
+    cfg: RunConfig
+    teacher: LoadedModel
+    layers: list[int]
+    device: torch.device
+    chunk_seconds: float | None
+    progress: bool
+
+    def build(self, out: Path, utterances: list[Utterance], root: Path, desc: str) -> CacheSummary:
+        cfg, teacher = self.cfg, self.teacher
+        frontend = FrontEnd(teacher.feature_extractor)
+        fingerprint = run_fingerprint(cfg, teacher, self.layers, utterances, frontend)
+        dtype = autocast_dtype(cfg.train.precision, self.device)
+        fingerprint["teacher_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
+        segments = plan_segments(
+            utterances, cfg.data.max_duration, frontend.sample_rate, frontend.min_samples
         )
-        bar = tqdm(
-            total=len(segments),
-            initial=start_segment,
-            unit="seg",
-            desc="teacher targets",
-            disable=not progress,
-        )
-        for chunk in loader:
-            _write_chunk(writer, chunk, teacher, layers, cfg, frontend.sample_rate, device)
-            bar.update(len(chunk))
-        bar.close()
-        writer.finish()
-    return _summary(out, writer.num_segments - start_segment, time.perf_counter() - started)
+        writer = CacheWriter(out, fingerprint, len(segments), teacher.encoder.hidden_dim)
+        started, start_segment = time.perf_counter(), writer.num_segments
+        if not writer.complete:
+            if out.name != DEV_DIR:  # a dev cache is completed through its parent's build
+                dump_config(cfg, out / BUILD_CONFIG_FILE)
+            if start_segment:
+                log.info("completing %s from segment %d of %d", out, start_segment, len(segments))
+            teacher.encoder.to(self.device).eval()
+            chunk_seconds = self.chunk_seconds or 4 * cfg.data.batch_seconds
+            loader = DataLoader(
+                _ChunkDataset(_chunks(segments, start_segment, chunk_seconds), root, frontend),
+                batch_size=None,
+                num_workers=cfg.data.num_workers,
+                collate_fn=_identity,
+            )
+            bar = tqdm(
+                total=len(segments),
+                initial=start_segment,
+                unit="seg",
+                desc=desc,
+                disable=not self.progress,
+            )
+            for chunk in loader:
+                _write_chunk(
+                    writer, chunk, teacher, self.layers, cfg, frontend.sample_rate, self.device
+                )
+                bar.update(len(chunk))
+            bar.close()
+            writer.finish()
+        return _summary(out, writer.num_segments - start_segment, time.perf_counter() - started)
 
 
 def _write_chunk(
