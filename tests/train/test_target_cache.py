@@ -27,6 +27,8 @@ from colld.data.target_cache import (
     FINGERPRINT_FILE,
     INDEX_FILE,
     PROGRESS_FILE,
+    CacheBusyError,
+    CacheWriter,
     PartialCacheError,
     StaleCacheError,
     data_record,
@@ -405,6 +407,27 @@ def test_one_cache_serves_a_subset_of_the_hours(assets, tmp_path: Path) -> None:
     assert 3.0 / 3600 <= data["train_hours"] < sum(DURATIONS) / 3600
     asked = (f"data.train_hours={sum(DURATIONS)}",)  # hours, not seconds: more than there is
     assert _cli(assets, tmp_path, "distill", *asked, "train.max_steps=2", run="too-much") == 2
+
+
+def test_one_build_at_a_time_writes_a_cache(assets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A second build of the same directory is refused while the first holds its lock, and a
+    build under accelerate launch / torchrun (WORLD_SIZE > 1), whose processes would all write
+    the same files, is refused before it starts."""
+    cfg = _config(assets, tmp_path)
+    cache = tmp_path / "cache"
+    teacher = load_teacher(str(assets["teacher"]))
+    (utterances, _), _ = resolve_sources(cfg.data, 0)
+    frontend = FrontEnd(teacher.feature_extractor)
+    fingerprint = teacher_cache.run_fingerprint(cfg, teacher, [2, 4], utterances, frontend)
+    first = CacheWriter(cache, fingerprint, 8, 32)
+    with pytest.raises(CacheBusyError, match=f"building the teacher-target cache in {cache}"):
+        build_cache(cfg, cache, progress=False)
+    first.close()
+    assert build_cache(cfg, cache, progress=False).num_segments == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = _cli(assets, tmp_path, "cache-teacher", "--out", str(tmp_path / "other"))
+    assert code == 2 and "WORLD_SIZE=2" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_augmentation_and_a_cache_are_refused_together(assets, tmp_path: Path) -> None:

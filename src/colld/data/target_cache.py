@@ -55,6 +55,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked
+    fcntl = None  # type: ignore[assignment]
+
 from colld.data.manifest import Utterance
 from colld.fsutil import write_text_atomic
 
@@ -90,6 +95,10 @@ class StaleCacheError(ValueError):
 
 class PartialCacheError(ValueError):
     """The cache build was interrupted; the message says how far it got and how to finish it."""
+
+
+class CacheBusyError(RuntimeError):
+    """Another process holds the cache directory's build lock."""
 
 
 # ---------------------------------------------------------------- segments
@@ -202,6 +211,24 @@ def directory_bytes(directory: Path) -> int:
 
 
 # ---------------------------------------------------------------- writing
+def _lock_directory(directory: Path) -> int | None:
+    """An exclusive, non-blocking lock on ``directory`` (an open descriptor; closing it, or the
+    process ending, releases it), so that two builds never append to one cache. Raises
+    CacheBusyError when another process holds it. None where ``fcntl`` is missing (Windows)."""
+    if fcntl is None:
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheBusyError(
+            f"another process is building the teacher-target cache in {directory}; wait for "
+            "it to end (rerunning then completes or reuses its work) or choose another directory"
+        ) from None
+    return fd
+
+
 class CacheWriter:
     """Appends committed chunks of segments to a cache directory (new or partial).
 
@@ -221,6 +248,22 @@ class CacheWriter:
         self.dim = int(dim)
         self.num_planned = int(num_planned)
         self.features: dict[str, Any] | None = fingerprint.get("features")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = _lock_directory(self.directory)
+        try:
+            self._open(fingerprint)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory's build lock (also released when the process ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _open(self, fingerprint: dict[str, Any]) -> None:
+        """Check or write the fingerprint, then truncate to the last commit."""
         path = self.directory / FINGERPRINT_FILE
         if path.is_file():
             found = _read_json(path)
@@ -240,13 +283,12 @@ class CacheWriter:
                     + "; ".join(dict.fromkeys(differences))
                     + "); delete it or choose another output directory"
                 )
-        elif self.directory.exists() and any(self.directory.iterdir()):
+        elif any(self.directory.iterdir()):
             raise FileExistsError(
                 f"{self.directory} is not empty and holds no {FINGERPRINT_FILE}: not a "
                 "teacher-target cache; choose another output directory"
             )
         else:
-            self.directory.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
         progress = self._read_progress()
         self.num_segments, self.num_frames = progress["segments"], progress["frames"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,13 @@ def build_cache(
     if out is None:
         raise ConfigError("no cache directory: give --out DIR or set data.target_cache")
     out = Path(out)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ConfigError(
+            f"colld cache-teacher runs as one process, but WORLD_SIZE={world_size} (accelerate "
+            "launch / torchrun): run it as plain `colld cache-teacher` (it uses one GPU), then "
+            "train on all of them with `accelerate launch -m colld distill data.target_cache=DIR`"
+        )
     if cfg.data.augment.enabled:
         raise ConfigError(
             "cannot cache teacher targets with data.augment.enabled: augmented audio changes "
@@ -353,34 +361,49 @@ class _CachePart:
         )
         writer = CacheWriter(out, fingerprint, len(segments), teacher.encoder.hidden_dim)
         started, start_segment = time.perf_counter(), writer.num_segments
-        if not writer.complete:
-            if out.name != DEV_DIR:  # a dev cache is completed through its parent's build
-                dump_config(cfg, out / BUILD_CONFIG_FILE)
-            if start_segment:
-                log.info("completing %s from segment %d of %d", out, start_segment, len(segments))
-            teacher.encoder.to(self.device).eval()
-            chunk_seconds = self.chunk_seconds or 4 * cfg.data.batch_seconds
-            loader = DataLoader(
-                _ChunkDataset(_chunks(segments, start_segment, chunk_seconds), root, frontend),
-                batch_size=None,
-                num_workers=cfg.data.num_workers,
-                collate_fn=_identity,
-            )
-            bar = tqdm(
-                total=len(segments),
-                initial=start_segment,
-                unit="seg",
-                desc=desc,
-                disable=not self.progress,
-            )
-            for chunk in loader:
-                _write_chunk(
-                    writer, chunk, teacher, self.layers, cfg, frontend.sample_rate, self.device
-                )
-                bar.update(len(chunk))
-            bar.close()
-            writer.finish()
+        try:
+            if not writer.complete:
+                self._fill(writer, segments, root, frontend, desc)
+        finally:
+            writer.close()
         return _summary(out, writer.num_segments - start_segment, time.perf_counter() - started)
+
+    def _fill(
+        self,
+        writer: CacheWriter,
+        segments: list[Segment],
+        root: Path,
+        frontend: FrontEnd,
+        desc: str,
+    ) -> None:
+        """Compute and append the segments ``writer`` lacks, then mark the cache complete."""
+        cfg, out, start_segment = self.cfg, writer.directory, writer.num_segments
+        if out.name != DEV_DIR:  # a dev cache is completed through its parent's build
+            dump_config(cfg, out / BUILD_CONFIG_FILE)
+        if start_segment:
+            log.info("completing %s from segment %d of %d", out, start_segment, len(segments))
+        self.teacher.encoder.to(self.device).eval()
+        chunk_seconds = self.chunk_seconds or 4 * cfg.data.batch_seconds
+        loader = DataLoader(
+            _ChunkDataset(_chunks(segments, start_segment, chunk_seconds), root, frontend),
+            batch_size=None,
+            num_workers=cfg.data.num_workers,
+            collate_fn=_identity,
+        )
+        bar = tqdm(
+            total=len(segments),
+            initial=start_segment,
+            unit="seg",
+            desc=desc,
+            disable=not self.progress,
+        )
+        for chunk in loader:
+            _write_chunk(
+                writer, chunk, self.teacher, self.layers, cfg, frontend.sample_rate, self.device
+            )
+            bar.update(len(chunk))
+        bar.close()
+        writer.finish()
 
 
 def _write_chunk(
