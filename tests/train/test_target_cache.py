@@ -43,6 +43,7 @@ from colld.testing import TINY_RUN_OVERRIDES, tiny_teacher_dir, write_tones
 from colld.train import step as step_module
 from colld.train import teacher_cache
 from colld.train.data_setup import resolve_sources
+from colld.train.recipe import evaluate_dev, setup, train_update
 from colld.train.step import Distiller, distill_loss, step_generator
 from colld.train.teacher_cache import build_cache, cache_teacher_layers, open_run_cache
 
@@ -534,6 +535,16 @@ def test_a_fully_cached_run_never_runs_the_teacher(
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     dev_losses = [r["dev/loss"] for r in rows if "dev/loss" in r]
     assert len(dev_losses) == 2 and all(np.isfinite(dev_losses))  # steps 0 and 2
+
+    # The run needs none of the teacher's weights: with them on the meta device (no data), its
+    # updates and dev loss still run, as they do on a GPU with the teacher left on the CPU.
+    cfg = _config(assets, tmp_path, *use[:2], f"train.output_dir={tmp_path / 'meta'}")
+    run = setup(cfg, resume=False)
+    run.teacher.encoder.to("meta")
+    out, _, applied = train_update(run)
+    assert applied and np.isfinite(float(out.total))
+    assert np.isfinite(evaluate_dev(run)["dev/loss"])
+    run.train.close()
 
     shutil.rmtree(cache / DEV_DIR)
     caplog.clear()
