@@ -15,7 +15,9 @@
 # in fp32) in .carry/whisper-base-fp16 for the default recipe's measurement.
 # run: whole epochs, online teacher vs cache, of a random-weight teacher with w2v-BERT 2.0's
 # architecture (580M parameters, built on the device: nothing to carry), default student and
-# recipe, on CUDA under train.precision=auto (bf16); its table goes to $OUT/cache_bench.log.
+# recipe, on CUDA under train.precision=auto (bf16); its tables go to $OUT/cache_bench.log:
+# epoch times, and each run's GPU memory (the data carry no dev split, so the cached run takes
+# every target from the cache and keeps its teacher on the CPU).
 # Extra BENCH ARGS replace the defaults (e.g. teacher.spec=.carry/whisper-base-fp16 to time
 # another teacher). Expects cp312 wheels of colld's data dependencies in .whl/ (the machine has
 # torch, transformers and accelerate, no network): see scripts/ctc_device.sh.
