@@ -45,7 +45,12 @@ from colld.train import teacher_cache
 from colld.train.data_setup import resolve_sources
 from colld.train.recipe import evaluate_dev, setup, train_update
 from colld.train.step import Distiller, distill_loss, step_generator
-from colld.train.teacher_cache import build_cache, cache_teacher_layers, open_run_cache
+from colld.train.teacher_cache import (
+    build_cache,
+    cache_teacher_layers,
+    open_dev_cache,
+    open_run_cache,
+)
 
 RATE = 16000
 DURATIONS = (0.8, 1.2, 2.0, 2.5, 7.1, 1.5)  # u4 (7.1 s) becomes segments of 3 + 3 + 1.1 s
@@ -499,8 +504,12 @@ def test_the_dev_data_are_cached_beside_the_training_data(assets, tmp_path: Path
     other = _config(assets, tmp_path, f"data.dev={assets['other_dev']}")
     teacher_layers = cache_teacher_layers(other, teacher)
     (dev_utts, _) = resolve_sources(other.data, 0)[1]
-    with pytest.raises(StaleCacheError, match="data"):
-        open_run_cache(replace_cache(other, cache), teacher, teacher_layers, dev_utts, dev=True)
+    with pytest.raises(StaleCacheError, match="data: .*rebuilds the dev part alone"):
+        open_dev_cache(replace_cache(other, cache), teacher, teacher_layers, dev_utts)
+    shutil.rmtree(cache / DEV_DIR)  # as the message says
+    rebuilt = build_cache(other, cache, progress=False)
+    assert rebuilt.built == 0 and rebuilt.dev is not None and rebuilt.dev.num_segments == 1
+    assert open_dev_cache(replace_cache(other, cache), teacher, teacher_layers, dev_utts)
     (cache / DEV_DIR / "complete").unlink()
     with pytest.raises(PartialCacheError) as err:
         open_cache(cache / DEV_DIR)

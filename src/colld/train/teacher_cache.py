@@ -52,6 +52,7 @@ from colld.data.target_cache import (
     FORMAT_VERSION,
     CacheWriter,
     Segment,
+    StaleCacheError,
     TargetCache,
     complete_command,
     data_record,
@@ -165,7 +166,15 @@ def open_dev_cache(
             complete_command(Path(cfg.data.target_cache)),
         )
         return None
-    return open_run_cache(cfg, teacher, teacher_layers, utterances, dev=True)
+    try:
+        return open_run_cache(cfg, teacher, teacher_layers, utterances, dev=True)
+    except StaleCacheError as err:
+        directory = Path(cfg.data.target_cache)
+        raise StaleCacheError(
+            f"{err} The training part matches: to keep it, delete {directory / DEV_DIR} and "
+            f"rerun colld cache-teacher with this run's config and --out {directory}, which "
+            "rebuilds the dev part alone"
+        ) from None
 
 
 @dataclass
