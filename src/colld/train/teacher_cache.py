@@ -48,7 +48,6 @@ from colld.data.manifest import Utterance
 from colld.data.target_cache import (
     BUILD_CONFIG_FILE,
     DEV_DIR,
-    FINGERPRINT_FILE,
     FORMAT_VERSION,
     CacheWriter,
     Segment,
@@ -158,18 +157,18 @@ def open_dev_cache(
     """The dev part of ``cfg.data.target_cache`` for the dev data ``utterances``; None (with a
     log line) for a cache built before dev was cached: such a run's dev loss runs the teacher.
     Raises StaleCacheError / PartialCacheError as ``open_run_cache``."""
-    if not (Path(cfg.data.target_cache) / DEV_DIR / FINGERPRINT_FILE).is_file():
+    directory = Path(cfg.data.target_cache)
+    try:
+        return open_run_cache(cfg, teacher, teacher_layers, utterances, dev=True)
+    except FileNotFoundError:  # open_cache: no cache there
         log.warning(
             "the teacher-target cache %s holds no dev targets (built before colld cached dev): "
             "dev loss runs the teacher, which stays on the training device; add them with: %s",
-            cfg.data.target_cache,
-            complete_command(Path(cfg.data.target_cache)),
+            directory,
+            complete_command(directory),
         )
         return None
-    try:
-        return open_run_cache(cfg, teacher, teacher_layers, utterances, dev=True)
     except StaleCacheError as err:
-        directory = Path(cfg.data.target_cache)
         raise StaleCacheError(
             f"{err} The training part matches: to keep it, delete {directory / DEV_DIR} and "
             f"rerun colld cache-teacher with this run's config and --out {directory}, which "
